@@ -1,0 +1,98 @@
+"""Shared fixtures: a throw-away copy of the project, built on a small sample of the real data, with its own
+sqlite MLflow store. Everything runs the real components (notebooks, ploomber, MLflow), nothing is mocked."""
+from __future__ import annotations
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SAMPLE_FRAC = 0.03
+# what a project copy needs: the sources of the pipeline, not products or stores
+PROJECT_FILES = ['params.yaml', 'pipeline.yaml', 'pyproject.toml', 'requirements.lock', 'notebooks', 'nbs_lib', 'data/raw']
+OFFLINE = {'MLFLOW_DISABLE_TELEMETRY': 'true', 'BENTOML_DO_NOT_TRACK': 'true', 'DVC_NO_ANALYTICS': '1',
+           'PLOOMBER_VERSION_CHECK_DISABLED': '1', 'PLOOMBER_STATS_ENABLED': 'false', 'DO_NOT_TRACK': '1',
+           'PLOOMBER_ENV_FILENAME': 'params.yaml'}
+os.environ.update(OFFLINE)
+
+
+def copy_project(dst: Path, src: Path = ROOT, files=PROJECT_FILES) -> Path:
+    """Copy the project's sources to `dst` (data/raw included, products and stores excluded)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        s = src/f
+        if s.is_dir():
+            shutil.copytree(s, dst/f, ignore=shutil.ignore_patterns('__pycache__', '.ipynb_checkpoints'))
+        elif s.exists():
+            (dst/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(s, dst/f)
+    return dst
+
+
+def set_params(root: Path, **updates) -> dict:
+    """Set dotted keys in root/params.yaml (e.g. **{'train.seed': 3}); returns the new params."""
+    p = yaml.safe_load((root/'params.yaml').read_text())
+    for key, value in updates.items():
+        cur = p; *parents, last = key.split('.')
+        for k in parents: cur = cur.setdefault(k, {})
+        if value is DELETE: cur.pop(last, None)
+        else: cur[last] = value
+    (root/'params.yaml').write_text(yaml.safe_dump(p, sort_keys=False))
+    return p
+
+DELETE = object()
+
+
+def env_for(root: Path, **extra) -> dict:
+    """Environment for a subprocess working in the project copy at `root` (its nbs_lib imported first)."""
+    env = {k: v for k, v in os.environ.items() if k not in ('MLFLOW_TRACKING_URI', 'NBS_ROOT')}
+    env.update(OFFLINE); env['PYTHONPATH'] = str(root); env['PATH'] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], root: Path, check: bool = True, timeout: int = 900, **extra) -> subprocess.CompletedProcess:
+    """Run a command in the project copy; on an unexpected exit code, fail with its output."""
+    r = subprocess.run(cmd, cwd=root, env=env_for(root, **extra), capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} exited {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-6000:]}")
+    return r
+
+
+def nbs(root: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    """Run the project's CLI (`nbs ...`) in `root`."""
+    return run([str(BIN/'nbs'), *args], root, **kw)
+
+
+def ran_tasks(r: subprocess.CompletedProcess) -> list[str]:
+    """Tasks a `nbs build` says it ran, from its closing line."""
+    line = next(l for l in r.stdout.splitlines() if l.startswith('build done'))
+    tail = line.split(': ran ', 1)[1]
+    return [] if tail.startswith('nothing') else [t.strip() for t in tail.split(',')]
+
+
+def metrics(root: Path) -> dict:
+    return json.loads((root/'build/evaluate/metrics.json').read_text())
+
+
+@pytest.fixture(scope='session')
+def sample_project(tmp_path_factory) -> Path:
+    """A project copy built once on a small sample of the real data; tests must not modify it."""
+    root = copy_project(tmp_path_factory.mktemp('sample'))
+    set_params(root, **{'data.sample_frac': SAMPLE_FRAC})
+    nbs(root, 'build')
+    return root
+
+
+@pytest.fixture
+def fresh_project(tmp_path) -> Path:
+    """A project copy of this test's own, on the small sample, not built yet."""
+    root = copy_project(tmp_path/'proj')
+    set_params(root, **{'data.sample_frac': SAMPLE_FRAC})
+    return root
+
+
+@pytest.fixture
+def built_copy(sample_project, tmp_path) -> Path:
+    """A copy of the built sample project (products, ploomber metadata, MLflow store) that a test may change."""
+    return copy_project(tmp_path/'built', src=sample_project, files=PROJECT_FILES + ['build', 'mlflow.db'])
