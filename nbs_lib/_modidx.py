@@ -2,6 +2,7 @@
 
 d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_url': '', 'lib_path': 'nbs_lib'},
   'syms': { 'nbs_lib.cli': { 'nbs_lib.cli._build_lock': ('cli.html#_build_lock', 'nbs_lib/cli.py'),
+                             'nbs_lib.cli._dispatch': ('cli.html#_dispatch', 'nbs_lib/cli.py'),
                              'nbs_lib.cli.activate_env': ('cli.html#activate_env', 'nbs_lib/cli.py'),
                              'nbs_lib.cli.build': ('cli.html#build', 'nbs_lib/cli.py'),
                              'nbs_lib.cli.failure_line': ('cli.html#failure_line', 'nbs_lib/cli.py'),

@@ -10,8 +10,8 @@ from pathlib import Path
 from .config import UserError, check_params, load_params, project_root
 
 # %% auto #0
-__all__ = ['OFFLINE_ENV', 'offline_env', 'activate_env', 'notebook_error', 'failure_line', 'task_defaults', 'build', 'summary',
-           'main']
+__all__ = ['OFFLINE_ENV', 'SUBCOMMANDS', 'offline_env', 'activate_env', 'notebook_error', 'failure_line', 'task_defaults',
+           'build', 'summary', 'main']
 
 # %% ../notebooks/lib/06_cli.ipynb #5587d867
 OFFLINE_ENV = {'MLFLOW_DISABLE_TELEMETRY': 'true', 'BENTOML_DO_NOT_TRACK': 'true', 'DVC_NO_ANALYTICS': '1',
@@ -128,9 +128,27 @@ def summary(root: Path | None = None) -> str:
     return '\n'.join(lines)
 
 # %% ../notebooks/lib/06_cli.ipynb #8c8408c4
+SUBCOMMANDS = {'sweep': ('nbs_lib.sweep', 'run a parameter grid of the train+evaluate notebooks in parallel'),
+               'register': ('nbs_lib.gate', 'register the best run and promote it to champion if it beats the current one'),
+               'reproduce': ('nbs_lib.versioning', 're-run a recorded run from its commit and data and compare metrics'),
+               'monitor': ('nbs_lib.monitor', 'compare current data and predictions with the training data: drift report'),
+               'serve': ('nbs_lib.serving', 'import the champion into BentoML, build the Bento, serve it')}
+
+def _dispatch(cmd: str, argv: list[str]) -> int:
+    import importlib
+    return importlib.import_module(SUBCOMMANDS[cmd][0]).main(argv) or 0
+
+# %% ../notebooks/lib/06_cli.ipynb #b890fb57
 def main(argv: list[str] | None = None) -> int:
-    "The `nbs` command: `nbs build [--force]`, `nbs data`, `nbs check`."
-    ap = argparse.ArgumentParser(prog='nbs', description='Jupyter-first reproducible ML workflow')
+    "The `nbs` command: `nbs build [--force]`, `nbs data`, `nbs check`, and the verbs of SUBCOMMANDS."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        offline_env()
+        try: return _dispatch(argv[0], argv[1:])
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr); return 2
+    ap = argparse.ArgumentParser(prog='nbs', description='Jupyter-first reproducible ML workflow',
+                                 epilog='more: ' + '; '.join(f'nbs {k}: {v[1]}' for k, v in SUBCOMMANDS.items()))
     sub = ap.add_subparsers(dest='cmd', required=True)
     b = sub.add_parser('build', help='check params.yaml and run the pipeline (only what changed)')
     b.add_argument('--force', action='store_true', help='re-run every task')
