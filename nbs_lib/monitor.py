@@ -78,16 +78,21 @@ def _shares(counts) -> list[float]:
     c = np.asarray(counts, dtype=float); return list(c/max(c.sum(), 1))
 
 def numeric_drift(ref, cur, n_bins: int) -> dict:
-    "PSI on reference-quantile bins (missing values one bin) and the KS two-sample test on the values present."
+    "PSI on reference-quantile bins (+ a missing bin); KS on the values present and chi-square on the missing share (Bonferroni)."
     ref = np.asarray(ref, dtype=float); cur = np.asarray(cur, dtype=float)
     edges = quantile_edges(ref, n_bins)
     hr, hc = numeric_histogram(ref, edges), numeric_histogram(cur, edges)
     a, b = ref[~np.isnan(ref)], cur[~np.isnan(cur)]
-    stat = p = None
+    stat = p_ks = p_miss = None
     if len(a) >= 2 and len(b) >= 2:
-        t = stats.ks_2samp(a, b); stat, p = float(t.statistic), float(t.pvalue)
-    return {'kind': 'numeric', 'test': 'ks', 'psi': psi(hr, hc), 'statistic': stat, 'p_value': p,
-            'missing_ref': float(np.isnan(ref).mean()) if len(ref) else None, 'missing_cur': float(np.isnan(cur).mean()) if len(cur) else None,
+        t = stats.ks_2samp(a, b); stat, p_ks = float(t.statistic), float(t.pvalue)
+    mr, mc = len(ref) - len(a), len(cur) - len(b)
+    if (mr or mc) and len(a) + len(b) and len(ref) and len(cur):
+        p_miss = float(stats.chi2_contingency([[len(a), mr], [len(b), mc]]).pvalue)
+    ps = [q for q in (p_ks, p_miss) if q is not None]
+    return {'kind': 'numeric', 'test': 'ks' + (' + chi2 on missing share' if p_miss is not None else ''), 'psi': psi(hr, hc),
+            'statistic': stat, 'p_value': min(1.0, len(ps)*min(ps)) if ps else None, 'p_value_ks': p_ks, 'p_value_missing': p_miss,
+            'missing_ref': mr/len(ref) if len(ref) else None, 'missing_cur': mc/len(cur) if len(cur) else None,
             'bins': numeric_bins(edges), 'ref_shares': _shares(hr), 'shares': _shares(hc)}
 
 def categorical_drift(ref: pd.Series, cur: pd.Series, max_categories: int) -> dict:
@@ -478,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--fail-on-drift', action='store_true', help='exit 1 when retraining is recommended (for a scheduler or CI)')
     args = ap.parse_args(argv)
     root = project_root()
+    monitor_settings(load_params(root/'params.yaml').get('monitor'))  # a bad value fails here, before the pipeline is read
     from nbs_lib.cli import task_defaults
     try:
         with warnings.catch_warnings():  # ploomber's render warnings (unused params) are not the user's concern here
