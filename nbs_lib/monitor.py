@@ -273,8 +273,8 @@ def plot_psi_heatmap(result: dict):
             ax.text(j, i, f"{t.iloc[i, j]:.2f}{'*' if hit else ''}", ha='center', va='center', fontsize=8,
                     fontweight='bold' if hit else 'normal', color='white' if t.iloc[i, j] > 1.2*th['psi_threshold'] else 'black')
     ax.set_xticks(range(len(t.columns)), t.columns, rotation=30, ha='right'); ax.set_yticks(range(len(t)), t.index)
-    ax.set_title(f"PSI against the training period (* drifted: PSI >= {th['psi_threshold']} "
-                 f"[predictions {th['prediction_psi_threshold']}] and p < {th['p_value']})", fontsize=9)
+    ax.set_title(f"PSI against the training period\n* drifted: PSI >= {th['psi_threshold']} "
+                 f"(predictions {th['prediction_psi_threshold']}) and p < {th['p_value']}", fontsize=9)
     fig.tight_layout(); return fig
 
 def plot_prediction_drift(result: dict):
