@@ -10,12 +10,12 @@
 Prints one table (medians) and writes bench/results.md.
 """
 from __future__ import annotations
-import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, textwrap, threading, time
+import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, textwrap, time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent/'tests'))
-from conftest import BIN, ROOT, copy_project, env_for, set_params  # noqa: E402
+from conftest import BIN, copy_project, env_for, set_params  # noqa: E402
 
 PY = str(BIN/'python')
 
