@@ -36,7 +36,7 @@ def test_build_killed_mid_task_reruns_it_and_closes_its_run(sample_project, buil
     killed = [rid for rid, st in _runs(root).items() if st == 'RUNNING']
     assert len(killed) == 1
     r = nbs(root, 'build')
-    assert ran_tasks(r) == ['train', 'evaluate']
+    assert ran_tasks(r) == ['train', 'evaluate', 'monitor']
     assert _runs(root)[killed[0]] == 'KILLED'
     new = json.loads((root/'build/train/run.json').read_text())['run_id']
     assert new != killed[0] and _runs(root)[new] == 'FINISHED'
