@@ -56,13 +56,13 @@ def _auc_codes(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, int]:
 
 def _auc_of_resamples(codes: np.ndarray, n_groups: int, idx: np.ndarray) -> np.ndarray:
     k = idx.shape[0]
-    c = codes[idx] + (np.arange(k, dtype=np.int64) * 2*n_groups)[:, None]
+    c = codes[idx]; c += (np.arange(k, dtype=np.int64) * 2*n_groups)[:, None]
     cnt = np.bincount(c.ravel(), minlength=k*2*n_groups).reshape(k, n_groups, 2)
     neg, pos = cnt[..., 0], cnt[..., 1]
-    below = np.cumsum(neg, axis=1) - neg  # negatives scored strictly lower than each group
-    num = (pos * (below + 0.5*neg)).sum(axis=1)
+    below2 = 2*np.cumsum(neg, axis=1); below2 -= neg  # twice the negatives scored lower, plus the tied ones
+    num2 = np.einsum('ij,ij->i', pos, below2)       # 2 x (Mann-Whitney U with ties counted half), in integers
     den = pos.sum(axis=1) * neg.sum(axis=1)
-    with np.errstate(invalid='ignore', divide='ignore'): return np.where(den > 0, num / den, np.nan)
+    with np.errstate(invalid='ignore', divide='ignore'): return np.where(den > 0, num2 / (2.0*den), np.nan)
 
 def _scorer(metric: str, y: np.ndarray, p: np.ndarray):
     "A function: chunk of resample indices -> the metric of each resample."
