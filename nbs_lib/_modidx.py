@@ -51,6 +51,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'nbs_lib.gate._sklearn_on': ('gate.html#_sklearn_on', 'nbs_lib/gate.py'),
                               'nbs_lib.gate._store': ('gate.html#_store', 'nbs_lib/gate.py'),
                               'nbs_lib.gate._sweeps': ('gate.html#_sweeps', 'nbs_lib/gate.py'),
+                              'nbs_lib.gate._when': ('gate.html#_when', 'nbs_lib/gate.py'),
                               'nbs_lib.gate.best_run': ('gate.html#best_run', 'nbs_lib/gate.py'),
                               'nbs_lib.gate.bootstrap_deltas': ('gate.html#bootstrap_deltas', 'nbs_lib/gate.py'),
                               'nbs_lib.gate.champion_version': ('gate.html#champion_version', 'nbs_lib/gate.py'),

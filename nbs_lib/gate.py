@@ -158,9 +158,13 @@ def latest_build(client, root: Path):
     except (ValueError, KeyError): raise DataError(f"{rf}: not a run file of a build (expected JSON with 'run_id'): rebuild with `make pipeline`") from None
     return get_run(client, run_id, f'build run (named in {rf.relative_to(root)})')
 
+def _when(run) -> int:
+    return run.info.end_time or run.info.start_time  # last activity: a resumed sweep reopens its parent run
+
 def _sweeps(client, flt: str) -> list:
-    return client.search_runs(_experiments(client), f"tags.`nbs.kind` = 'sweep' and {flt}",
-                              order_by=['attributes.start_time DESC'], max_results=1)
+    "Sweep parent runs matching `flt`, the most recently active first."
+    rs = client.search_runs(_experiments(client), f"tags.`nbs.kind` = 'sweep' and {flt}", max_results=1000)
+    return sorted(rs, key=_when, reverse=True)
 
 def find_sweep(client, sweep: str, root: Path):
     "The parent run of sweep `sweep` (its run id or its nbs.sweep_id tag; 'latest': this project's latest sweep)."
@@ -176,17 +180,11 @@ def find_sweep(client, sweep: str, root: Path):
     except MlflowException: pass
     rs = _sweeps(client, f"tags.`nbs.sweep_id` = '{sweep}'")
     if not rs: raise UserError(f"unknown sweep '{sweep}': no run tagged nbs.kind=sweep with that run id or nbs.sweep_id in {_store()}")
-    return rs[0]
+    return ([r for r in rs if r.data.tags.get('nbs.root') == str(root)] or rs)[0]
 
 def sweep_runs(client, parent) -> list:
-    "The configuration runs of a sweep: its parent's children, and the sweep-config runs tagged with its sweep id."
-    flts = [f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"]
-    sid = parent.data.tags.get('nbs.sweep_id')
-    if sid: flts.append(f"tags.`nbs.kind` = 'sweep-config' and tags.`nbs.sweep_id` = '{sid}'")
-    runs = {}
-    for f in flts:
-        for r in client.search_runs(_experiments(client), f, max_results=50000): runs[r.info.run_id] = r
-    return list(runs.values())
+    "The configuration runs of a sweep: the child runs of its parent run."
+    return client.search_runs(_experiments(client), f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=50000)
 
 def best_run(runs: list, g: dict):
     "The FINISHED run with the best logged test_<metric> (ties: the earliest), or None."
@@ -233,7 +231,7 @@ def select_candidate(client, root: Path, g: dict, sweep: str | None = None, run_
     if sweep: parent = find_sweep(client, sweep, root)
     else:
         latest = _sweeps(client, f"tags.`nbs.root` = '{root}'")
-        if latest and (build is None or latest[0].info.start_time > build.info.start_time):
+        if latest and (build is None or _when(latest[0]) > _when(build)):
             parent, why = latest[0], ', newer than the latest build' if build else ', there is no build'
     if parent is None:
         if build is None: raise UserError(f"nothing to register: no build ({product_path(root, 'train', 'run').relative_to(root)}) and no sweep of this project: run `make pipeline` or `make sweep`")
