@@ -16,7 +16,7 @@ export PLOOMBER_ENV_FILENAME := params.yaml
 export DO_NOT_TRACK := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help setup data pipeline rebuild test test-fast lab mlflow-ui export check clean
+.PHONY: help setup data pipeline rebuild test test-fast lab mlflow-ui export check clean lock bench
 
 help: ## list the commands
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ mlflow-ui: setup ## browse runs, plots, notebooks and registered models
 export: setup ## export notebooks/lib to nbs_lib (nbdev) and strip notebook outputs
 	$(BIN)/nbdev-export
 	$(BIN)/nbstripout notebooks/lib/*.ipynb notebooks/tasks/*.ipynb
+
+bench: setup data ## benchmarks of the workflow's own overhead against plain Python (writes bench/results.md)
+	$(BIN)/python bench/bench_pipeline.py --repeats 3 --full
 
 clean: ## remove build products (not the MLflow store, not the venv)
 	rm -rf build

@@ -7,11 +7,11 @@ reduced to one line that names the task and the cause."""
 from __future__ import annotations
 import argparse, json, os, re, sys, time
 from pathlib import Path
-from .config import UserError, check_params, load_params, project_root
+from .config import UserError, check_params, load_params, project_root, tracking_uri
 
 # %% auto #0
-__all__ = ['OFFLINE_ENV', 'SUBCOMMANDS', 'offline_env', 'activate_env', 'notebook_error', 'failure_line', 'task_defaults',
-           'build', 'summary', 'main']
+__all__ = ['OFFLINE_ENV', 'WARM_MODULES', 'SUBCOMMANDS', 'offline_env', 'activate_env', 'notebook_error', 'failure_line',
+           'task_defaults', 'fingerprint', 'build', 'summary', 'main']
 
 # %% ../notebooks/lib/06_cli.ipynb #5587d867
 OFFLINE_ENV = {'MLFLOW_DISABLE_TELEMETRY': 'true', 'BENTOML_DO_NOT_TRACK': 'true', 'DVC_NO_ANALYTICS': '1',
@@ -80,22 +80,72 @@ def _build_lock(root: Path):
         f.close(); raise UserError(f"another build is running in {root} (build/.lock is held): wait for it to finish") from None
     return f
 
-# %% ../notebooks/lib/06_cli.ipynb #c2bedde6
+# %% ../notebooks/lib/06_cli.ipynb #2f44aff2
+def _declared_products(root: Path) -> list[Path]:
+    import yaml
+    spec = yaml.safe_load((root/'pipeline.yaml').read_text())
+    out = []
+    for t in spec.get('tasks', []):
+        prods = t.get('product', {})
+        for v in (prods.values() if isinstance(prods, dict) else [prods]): out.append(root/str(v))
+    return out
+
+def fingerprint(root: Path, params: dict) -> str:
+    "Digest of every input and product that decides whether the pipeline is up to date (see above)."
+    import hashlib
+    h = hashlib.md5()
+    content = [root/'params.yaml', root/'pipeline.yaml', *sorted((root/'notebooks'/'tasks').glob('*.ipynb')),
+               *sorted((root/'nbs_lib').glob('*.py'))]
+    for f in content: h.update(f'{f.relative_to(root)}\0'.encode()); h.update(f.read_bytes())
+    d = params['data']
+    stats = [root/d['raw_dir']/d['flights_file'], root/d['raw_dir']/d['weather_file']]
+    for prod in _declared_products(root):
+        stats.append(prod); stats.append(prod.with_name(f'.{prod.name}.metadata'))
+        if prod.is_dir(): stats.extend(sorted(q for q in prod.rglob('*') if q.is_file()))
+    for f in stats:
+        try: st = f.stat(); h.update(f'{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n'.encode())
+        except FileNotFoundError: h.update(f'{f}:missing\n'.encode())
+    return h.hexdigest()
+
+def _fingerprint_file(root: Path) -> Path: return root/'build'/'.fingerprint'
+
+# %% ../notebooks/lib/06_cli.ipynb #b890fb57
+WARM_MODULES = ('pandas', 'pyarrow.parquet', 'sklearn.ensemble', 'sklearn.linear_model', 'matplotlib.pyplot',
+                'mlflow', 'mlflow.sklearn', 'skops.io', 'nbconvert', 'nbs_lib.tracking', 'nbs_lib.models', 'nbs_lib.metrics')
+
+def _warm_up() -> None:
+    import importlib, matplotlib
+    matplotlib.use('Agg')
+    for m in WARM_MODULES: importlib.import_module(m)
+
+def _invalidate_outdated(dag) -> list[str]:
+    from ploomber.constants import TaskStatus
+    outdated = [t for t in dag.values() if t.exec_status == TaskStatus.WaitingExecution]
+    for t in outdated: t.product.metadata.delete()
+    return [t.name for t in outdated]
+
 def build(force: bool = False, root: Path | None = None, quiet: bool = False) -> dict:
     "Check params.yaml, then run the Ploomber pipeline in `root`; returns {task: status}. Raises UserError on failure."
     offline_env()
     root = Path(root or project_root())
     params = check_params(load_params(root/'params.yaml'))
+    fp = _fingerprint_file(root)
+    if not force and fp.exists() and fp.read_text() == fingerprint(root, params):
+        return {name: 'skipped' for name in _task_names(root)}
     from nbs_lib.models import model_from_params
     model_from_params(params)  # hyperparameters are checked against the estimator before anything runs
-    from ploomber.spec import DAGSpec
-    from ploomber.exceptions import DAGBuildError
     cwd = os.getcwd(); os.chdir(root)
     lock = _build_lock(root)
     try:
+        fp.unlink(missing_ok=True)
+        _warm_up()
+        from ploomber.spec import DAGSpec
+        from ploomber.exceptions import DAGBuildError
         from nbs_lib.tracking import close_open_runs
         close_open_runs(params, root, status='KILLED')  # runs of a build that died without its failure hook
         dag = DAGSpec(str(root/'pipeline.yaml'), env=str(root/'params.yaml')).to_dag()
+        dag.render(force=force, show_progress=False)
+        _invalidate_outdated(dag)
         try: report = dag.build(force=force, show_progress=not quiet)
         except DAGBuildError as e:
             failed = [t for t in dag.values() if str(t.exec_status) in ('TaskStatus.Errored', 'Errored')]
@@ -106,10 +156,15 @@ def build(force: bool = False, root: Path | None = None, quiet: bool = False) ->
                 line = failure_line(line or '') or line or failure_line(str(e))
                 raise UserError(f"task '{t.name}' failed: {line or 'see the traceback above'}") from None
             raise UserError(failure_line(str(e)) or f"build failed: {str(e).splitlines()[0]}") from None
+        fp.write_text(fingerprint(root, params))
         d = report.to_dict()
         return {n: ('ran' if ran else 'skipped') for n, ran in zip(d['name'], d['Ran?'])}
     finally:
         os.chdir(cwd); lock.close()
+
+def _task_names(root: Path) -> list[str]:
+    import yaml
+    return [t['name'] for t in yaml.safe_load((root/'pipeline.yaml').read_text()).get('tasks', [])]
 
 def summary(root: Path | None = None) -> str:
     "Where the products of the last build are, and how to see its MLflow run."
@@ -122,12 +177,11 @@ def summary(root: Path | None = None) -> str:
     rf = root/'build'/'train'/'run.json'
     if rf.exists():
         r = json.loads(rf.read_text())
-        from nbs_lib.tracking import tracking_uri
         lines.append(f"MLflow run: {r['run_id']} in experiment '{p['tracking']['experiment']}' at {tracking_uri(p, root)}")
         lines.append(f"open it: make mlflow-ui   (or: mlflow ui --backend-store-uri {tracking_uri(p, root)})")
     return '\n'.join(lines)
 
-# %% ../notebooks/lib/06_cli.ipynb #8c8408c4
+# %% ../notebooks/lib/06_cli.ipynb #f66aeb98
 SUBCOMMANDS = {'sweep': ('nbs_lib.sweep', 'run a parameter grid of the train+evaluate notebooks in parallel'),
                'register': ('nbs_lib.gate', 'register the best run and promote it to champion if it beats the current one'),
                'reproduce': ('nbs_lib.versioning', 're-run a recorded run from its commit and data and compare metrics'),
@@ -138,7 +192,7 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
     import importlib
     return importlib.import_module(SUBCOMMANDS[cmd][0]).main(argv) or 0
 
-# %% ../notebooks/lib/06_cli.ipynb #b890fb57
+# %% ../notebooks/lib/06_cli.ipynb #38380fc8
 def main(argv: list[str] | None = None) -> int:
     "The `nbs` command: `nbs build [--force]`, `nbs data`, `nbs check`, and the verbs of SUBCOMMANDS."
     argv = list(sys.argv[1:] if argv is None else argv)

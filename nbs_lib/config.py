@@ -11,7 +11,7 @@ import yaml
 
 # %% auto #0
 __all__ = ['FAMILIES', 'STAGE_CHECKS', 'UserError', 'ParamsError', 'DataError', 'project_root', 'load_params', 'get',
-           'check_stage', 'check_params']
+           'check_stage', 'check_params', 'tracking_uri']
 
 # %% ../notebooks/lib/00_config.ipynb #017357cd
 class UserError(ValueError):
@@ -118,3 +118,11 @@ def check_params(p: dict) -> dict:
     "Check every stage of params.yaml that has a checker; returns `p` or raises ParamsError."
     for name in STAGE_CHECKS: check_stage(name, p.get(name))
     return p
+
+# %% ../notebooks/lib/00_config.ipynb #39649644
+def tracking_uri(p: dict, root: Path | None = None) -> str:
+    "The tracking URI: $MLFLOW_TRACKING_URI, else params' tracking.uri with relative sqlite paths made absolute."
+    uri = os.environ.get('MLFLOW_TRACKING_URI') or p['tracking']['uri']
+    if uri.startswith('sqlite:///') and not uri.startswith('sqlite:////'):
+        uri = f"sqlite:///{(root or project_root())/uri[len('sqlite:///'):]}"
+    return uri

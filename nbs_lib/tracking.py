@@ -9,22 +9,15 @@ import contextlib, json, os, platform, subprocess
 from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
-from .config import project_root
+from .config import UserError, project_root, tracking_uri
 from .data import md5
 
 # %% auto #0
-__all__ = ['MODEL_PACKAGES', 'tracking_uri', 'setup_tracking', 'git_state', 'lineage_tags', 'flatten', 'start_run', 'active',
-           'finish_run', 'log_files', 'model_requirements', 'log_model', 'load_model', 'log_build_notebooks',
-           'close_open_runs', 'fail_run']
+__all__ = ['HTTP_DEFAULTS', 'MODEL_PACKAGES', 'check_reachable', 'setup_tracking', 'git_state', 'lineage_tags', 'flatten',
+           'start_run', 'active', 'finish_run', 'log_files', 'model_requirements', 'log_model', 'load_model',
+           'log_build_notebooks', 'close_open_runs', 'fail_run']
 
 # %% ../notebooks/lib/05_tracking.ipynb #a2047878
-def tracking_uri(p: dict, root: Path | None = None) -> str:
-    "The tracking URI: $MLFLOW_TRACKING_URI, else params' tracking.uri with relative sqlite paths made absolute."
-    uri = os.environ.get('MLFLOW_TRACKING_URI') or p['tracking']['uri']
-    if uri.startswith('sqlite:///') and not uri.startswith('sqlite:////'):
-        uri = f"sqlite:///{(root or project_root())/uri[len('sqlite:///'):]}"
-    return uri
-
 def _artifact_location(p: dict, uri: str, root: Path | None) -> str | None:
     if uri.startswith(('http://', 'https://', 'databricks')): return None
     if os.environ.get('NBS_ARTIFACT_ROOT'): return os.environ['NBS_ARTIFACT_ROOT']
@@ -32,9 +25,24 @@ def _artifact_location(p: dict, uri: str, root: Path | None) -> str | None:
     else: base = root or project_root()
     return (base/p['tracking']['artifact_root']).resolve().as_uri()
 
+# A remote store that is down must fail in seconds with one line, not hang through MLflow's default retries
+# (7 retries with exponential backoff: minutes). The defaults below apply unless the caller set them.
+HTTP_DEFAULTS = {'MLFLOW_HTTP_REQUEST_MAX_RETRIES': '2', 'MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR': '1',
+                 'MLFLOW_HTTP_REQUEST_TIMEOUT': '30'}
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    "Raise UserError at once when an http(s) tracking server does not answer its /health endpoint."
+    if not uri.startswith(('http://', 'https://')): return
+    import urllib.request, urllib.error
+    try: urllib.request.urlopen(uri.rstrip('/') + '/health', timeout=timeout).read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, 'reason', e)
+        raise UserError(f"tracking server {uri} is unreachable ({reason}): start it, or unset MLFLOW_TRACKING_URI to use the embedded store") from None
+
 def setup_tracking(p: dict, root: Path | None = None) -> str:
     "Point MLflow at the store, create the experiment if needed (race-safe); returns the experiment id."
-    uri = tracking_uri(p, root); mlflow.set_tracking_uri(uri)
+    for k, v in HTTP_DEFAULTS.items(): os.environ.setdefault(k, v)
+    uri = tracking_uri(p, root); check_reachable(uri); mlflow.set_tracking_uri(uri)
     name = p['tracking']['experiment']; client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -45,7 +53,7 @@ def setup_tracking(p: dict, root: Path | None = None) -> str:
     mlflow.set_experiment(experiment_id=exp.experiment_id)
     return exp.experiment_id
 
-# %% ../notebooks/lib/05_tracking.ipynb #453d9234
+# %% ../notebooks/lib/05_tracking.ipynb #716ecdf0
 def _git(root: Path, *args: str) -> str | None:
     try: return subprocess.run(['git', *args], cwd=root, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError): return None
@@ -77,7 +85,7 @@ def flatten(d: dict, prefix: str = '') -> dict:
         else: out[key] = json.dumps(v) if isinstance(v, (list, dict)) else v
     return out
 
-# %% ../notebooks/lib/05_tracking.ipynb #4de8b83b
+# %% ../notebooks/lib/05_tracking.ipynb #e31352f5
 def start_run(p: dict, run_name: str, inputs: dict, params: dict, extra_tags: dict | None = None,
               parent_run_id: str | None = None, root: Path | None = None) -> str:
     "Create a RUNNING run with lineage tags, flattened `params`, params.yaml and (when dirty) the git diff."
@@ -114,7 +122,7 @@ def log_files(run_id: str, paths, artifact_path: str | None = None) -> None:
     for f in paths:
         if f and Path(f).exists(): client.log_artifact(run_id, str(f), artifact_path)
 
-# %% ../notebooks/lib/05_tracking.ipynb #d546d136
+# %% ../notebooks/lib/05_tracking.ipynb #5cd06c25
 MODEL_PACKAGES = ('scikit-learn', 'pandas', 'numpy', 'scipy', 'skops', 'pyarrow')
 
 def model_requirements() -> list[str]:
@@ -126,7 +134,9 @@ def log_model(model, input_example, name: str = 'model'):
     "Log a fitted sklearn Pipeline to the active run; returns MLflow's ModelInfo (model_uri is models:/m-<id>)."
     import mlflow.sklearn, nbs_lib, skops.io
     from mlflow.models import infer_signature
-    sig = infer_signature(input_example, model.predict_proba(input_example))
+    # integer columns are declared as doubles: a caller may send a missing value, which pandas holds as a float
+    ints = input_example.select_dtypes('integer').columns
+    sig = infer_signature(input_example.astype({c: 'float64' for c in ints}), model.predict_proba(input_example))
     trusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
     return mlflow.sklearn.log_model(model, name=name, signature=sig, input_example=input_example,
                                     serialization_format='skops', skops_trusted_types=trusted,
@@ -139,7 +149,7 @@ def load_model(uri: str):
     os.environ['MLFLOW_ALLOW_PICKLE_DESERIALIZATION'] = 'true'
     return mlflow.sklearn.load_model(uri)
 
-# %% ../notebooks/lib/05_tracking.ipynb #7374c668
+# %% ../notebooks/lib/05_tracking.ipynb #e6ed3cbc
 def _run_file(task) -> Path | None:
     seen, todo = set(), [task]
     while todo:

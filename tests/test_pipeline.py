@@ -83,7 +83,7 @@ def test_plain_ploomber_build_reads_params_yaml(built_copy):
 
 
 def _products(root: Path) -> dict:
-    return {p.relative_to(root): p.read_bytes() for p in (root/'build').rglob('*') if p.is_file() and not p.name.endswith('.metadata')}
+    return {p.relative_to(root): p.read_bytes() for p in (root/'build').rglob('*') if p.is_file() and not p.name.startswith('.')}
 
 
 @pytest.mark.parametrize('updates, expected', [

@@ -1,0 +1,231 @@
+"""Benchmarks of the workflow's own overhead (issue 7): every figure against its baseline, measured in the same run.
+
+    python bench/bench_pipeline.py [--repeats 3] [--frac 0.03] [--full]    (or: make bench)
+
+1. cold build of the whole pipeline (`nbs build --force`) vs the same steps as one plain Python script
+2. per-task overhead: papermill (a kernel) vs ploomber-engine (in-process) vs the plain function call
+3. no-op rebuild (`nbs build`, `ploomber build`) vs `dvc repro` on an up-to-date stage
+4. MLflow tracking cost per run (params, metrics, model, artifacts) vs no tracking
+5. peak memory (RSS of the whole process tree) of a cold build on the full data (--full)
+Prints one table (medians) and writes bench/results.md.
+"""
+from __future__ import annotations
+import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, textwrap, time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent/'tests'))
+from conftest import BIN, copy_project, env_for, set_params  # noqa: E402
+
+PY = str(BIN/'python')
+
+
+def timed(cmd, root, **env) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=root, env=env_for(root, **env), capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if r.returncode: raise SystemExit(f"{cmd} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    return dt
+
+
+def median_of(fn, repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def peak_rss(cmd, root, **env) -> tuple[float, float]:
+    """(seconds, peak MB) of a command, RSS summed over its process tree, sampled every 20 ms."""
+    import psutil
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=root, env=env_for(root, **env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    proc = psutil.Process(p.pid)
+    while p.poll() is None:
+        try:
+            procs = [proc, *proc.children(recursive=True)]
+            peak = max(peak, sum(q.memory_info().rss for q in procs if q.is_running()))
+        except psutil.Error: pass
+        time.sleep(0.02)
+    if p.returncode: raise SystemExit(f"{cmd} failed: {p.stderr.read()[-3000:]}")
+    return time.perf_counter() - t0, peak/2**20
+
+
+# the same steps as the pipeline, as one plain script: no notebooks, no ploomber (tracking on or off)
+PLAIN = textwrap.dedent('''
+    import json, sys, time
+    from pathlib import Path
+    t0 = time.perf_counter()
+    from nbs_lib.config import load_params, check_params, project_root
+    from nbs_lib.data import load_raw, sample_flights, write_parquet, read_table
+    from nbs_lib.features import make_table, time_split, INPUT_COLUMNS, TARGET
+    from nbs_lib.models import model_from_params
+    from nbs_lib import metrics as mt
+    track = sys.argv[1] == 'track'
+    p = check_params(load_params()); root = project_root(); d = p['data']; out = root/'build-plain'
+    flights, weather = load_raw(root/d['raw_dir'], d['flights_file'], d['weather_file'])
+    flights = sample_flights(flights, d['sample_frac'], d['seed'])
+    write_parquet(flights, out/'flights.parquet'); write_parquet(weather, out/'weather.parquet')
+    table = make_table(read_table(out/'flights.parquet'), read_table(out/'weather.parquet'), p['features']['delay_threshold_min'])
+    train, test = time_split(table, p['split']['train_months'], p['split']['test_months'])
+    write_parquet(train, out/'train.parquet'); write_parquet(test, out/'test.parquet')
+    model = model_from_params(p).fit(train[INPUT_COLUMNS], train[TARGET])
+    pr = model.predict_proba(test[INPUT_COLUMNS])[:, 1]
+    m = mt.classification_metrics(test[TARGET], pr, p['evaluate']['threshold'])
+    bym = mt.metrics_by(test.assign(y=test[TARGET], p=pr), 'month')
+    imp = mt.feature_importance(model, test[INPUT_COLUMNS], test[TARGET], n_rows=p['evaluate']['importance_rows'])
+    for name, fig in {'roc': mt.plot_roc(test[TARGET], pr), 'cal': mt.plot_calibration(test[TARGET], pr),
+                      'month': mt.plot_by_period(bym), 'imp': mt.plot_importance(imp)}.items():
+        fig.savefig(out/f'{name}.png', dpi=90)
+    if track:
+        import mlflow
+        from nbs_lib import tracking as trk
+        rid = trk.start_run(p, 'plain', {'train': out/'train.parquet'}, dict(train=p['train']), {'nbs.kind': 'bench'}, root=root)
+        with trk.active(rid):
+            trk.log_model(model, train[INPUT_COLUMNS].head(5)); mlflow.log_metrics({f'test_{k}': v for k, v in m.items()})
+        trk.log_files(rid, sorted(out.glob('*.png')), 'evaluation'); trk.finish_run(rid)
+    (out/'metrics.json').write_text(json.dumps(m))
+    print(json.dumps({'seconds': time.perf_counter() - t0, 'roc_auc': m['roc_auc']}))
+''')
+
+# one run's tracking, timed inside a warm process (imports excluded: they are paid once per process)
+TRACK = textwrap.dedent('''
+    import json, sys, time
+    import pandas as pd, mlflow
+    from nbs_lib.config import load_params, check_params, project_root
+    from nbs_lib.features import INPUT_COLUMNS, TARGET
+    from nbs_lib.models import model_from_params
+    from nbs_lib import tracking as trk
+    p = check_params(load_params()); root = project_root()
+    train = pd.read_parquet(root/'build/features/train.parquet')
+    model = model_from_params(p).fit(train[INPUT_COLUMNS], train[TARGET])
+    pngs = sorted((root/'build/evaluate/plots').glob('*.png'))
+    trk.setup_tracking(p, root)
+    times = []
+    for i in range(int(sys.argv[1]) + 1):
+        t0 = time.perf_counter()
+        rid = trk.start_run(p, f'bench-{i}', {'train': root/'build/features/train.parquet'}, dict(train=p['train']), {'nbs.kind': 'bench'}, root=root)
+        with trk.active(rid):
+            trk.log_model(model, train[INPUT_COLUMNS].head(5)); mlflow.log_metrics({'test_roc_auc': 0.7, 'test_brier': 0.2})
+        trk.log_files(rid, pngs, 'evaluation'); trk.finish_run(rid)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps(times[1:]))  # the first run pays lazy imports of the model flavour: reported apart
+''')
+
+# one task's work three ways: features (read 2 parquets, join, split, write 2 parquets)
+TASK = textwrap.dedent('''
+    import json, sys, time, tempfile, os
+    from pathlib import Path
+    mode, root = sys.argv[1], Path.cwd()
+    nb = root/'notebooks/tasks/02_features.ipynb'
+    import yaml
+    p = yaml.safe_load((root/'params.yaml').read_text())
+    out = Path(tempfile.mkdtemp())
+    params = dict(upstream={'ingest': {'flights': str(root/'build/ingest/flights.parquet'), 'weather': str(root/'build/ingest/weather.parquet')}},
+                  product={'nb': str(out/'f.ipynb'), 'train': str(out/'train.parquet'), 'test': str(out/'test.parquet')},
+                  features=p['features'], split=p['split'])
+    if mode == 'plain':
+        from nbs_lib.data import read_table, write_parquet
+        from nbs_lib.features import make_table, time_split
+    elif mode == 'engine':
+        from ploomber_engine import execute_notebook
+    t0 = time.perf_counter()
+    if mode == 'plain':
+        t = make_table(read_table(params['upstream']['ingest']['flights']), read_table(params['upstream']['ingest']['weather']), p['features']['delay_threshold_min'])
+        tr, te = time_split(t, p['split']['train_months'], p['split']['test_months'])
+        write_parquet(tr, out/'train.parquet'); write_parquet(te, out/'test.parquet')
+    elif mode == 'engine':
+        execute_notebook(str(nb), str(out/'f.ipynb'), parameters=params, progress_bar=False, log_output=False)
+    else:
+        import papermill as pm
+        pm.execute_notebook(str(nb), str(out/'f.ipynb'), parameters=params, progress_bar=False, kernel_name='python3')
+    print(json.dumps({'seconds': time.perf_counter() - t0}))
+''')
+
+DVC_STAGE = textwrap.dedent('''
+    stages:
+      features:
+        cmd: python -c "print('stage')"
+        deps: [data.txt]
+        outs: [out.txt]
+''')
+
+
+def _task_params(root: Path, out: Path) -> dict:
+    import yaml
+    p = yaml.safe_load((root/'params.yaml').read_text())
+    return {'upstream': {'ingest': {'flights': str(root/'build/ingest/flights.parquet'), 'weather': str(root/'build/ingest/weather.parquet')}},
+            'product': {'nb': str(out/'x.ipynb'), 'train': str(out/'tr.parquet'), 'test': str(out/'te.parquet')},
+            'features': p['features'], 'split': p['split']}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--repeats', type=int, default=3)
+    ap.add_argument('--frac', type=float, default=0.03, help='sample of the data for figures 1-4')
+    ap.add_argument('--full', action='store_true', help='also measure figure 5 (and figure 1) on the full data')
+    ap.add_argument('--out', default=str(HERE/'results.md'))
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix='nbs-bench-'))
+    root = copy_project(tmp/'proj'); set_params(root, **{'data.sample_frac': a.frac})
+    rows = []
+    def row(what, value, baseline, base_name, unit='s', goal=''):
+        over = value - baseline
+        rows.append((what, f'{value:.2f} {unit}', f'{baseline:.2f} {unit} ({base_name})', f'{over:+.2f} {unit}', f'{value/baseline:.2f}x' if baseline else '', goal))
+        print(rows[-1], flush=True)
+
+    # 1. cold build vs plain script (tracking on in both: the difference is orchestration)
+    nbs = str(BIN/'nbs')
+    timed([nbs, 'build'], root)  # warm the OS cache, create the store
+    build = median_of(lambda: timed([nbs, 'build', '--force'], root), a.repeats)
+    def plain():
+        t0 = time.perf_counter(); subprocess.run([PY, '-c', PLAIN, 'track'], cwd=root, env=env_for(root), check=True, capture_output=True)
+        return time.perf_counter() - t0
+    base = median_of(plain, a.repeats)
+    row(f'1. cold build, 4 tasks (sample {a.frac})', build, base, 'plain script', goal=f'<= {4*0.5:.1f} s over')
+
+    # 2. per-task overhead (features task): papermill kernel vs ploomber-engine vs plain call, all in-process timers
+    def task(mode):
+        r = subprocess.run([PY, '-c', TASK, mode], cwd=root, env=env_for(root), capture_output=True, text=True, check=True)
+        return json.loads(r.stdout.strip().splitlines()[-1])['seconds']
+    t_plain = median_of(lambda: task('plain'), a.repeats)
+    row('2a. task via ploomber-engine (in-process)', median_of(lambda: task('engine'), a.repeats), t_plain, 'plain call', goal='<= 0.5 s over')
+    row('2b. task via papermill (kernel)', median_of(lambda: task('papermill'), a.repeats), t_plain, 'plain call')
+    row('2c. task via papermill CLI (new process + kernel)',
+        median_of(lambda: timed([str(BIN/'papermill'), '-y', json.dumps(_task_params(root, tmp)), 'notebooks/tasks/02_features.ipynb',
+                                 str(tmp/'x.ipynb')], root), a.repeats), t_plain, 'plain call')
+
+    # 3. no-op rebuild vs dvc repro on an up-to-date stage
+    noop = median_of(lambda: timed([nbs, 'build'], root), a.repeats)
+    noop_pl = median_of(lambda: timed([str(BIN/'ploomber'), 'build'], root), a.repeats)
+    dv = tmp/'dvc'; dv.mkdir()
+    subprocess.run(['git', 'init', '-q'], cwd=dv, check=True)
+    (dv/'data.txt').write_text('x'); (dv/'dvc.yaml').write_text(DVC_STAGE)
+    timed([str(BIN/'dvc'), 'init', '-q'], dv); timed([str(BIN/'dvc'), 'repro', '-q'], dv)
+    dvc_noop = median_of(lambda: timed([str(BIN/'dvc'), 'repro', '-q'], dv), a.repeats)
+    row('3a. no-op rebuild: nbs build', noop, dvc_noop, 'dvc repro, up to date', goal='< 2 s')
+    row('3b. no-op rebuild: ploomber build', noop_pl, dvc_noop, 'dvc repro, up to date', goal='< 2 s')
+
+    # 4. tracking cost per run
+    r = subprocess.run([PY, '-c', TRACK, str(max(a.repeats, 3))], cwd=root, env=env_for(root), capture_output=True, text=True, check=True)
+    tr = statistics.median(json.loads(r.stdout.strip().splitlines()[-1]))
+    row('4. MLflow tracking per run (params, metrics, model, 4 plots)', tr, 0.0, 'no tracking', goal='< 0.5 s')
+
+    # 5. full data: cold build time and peak memory, against the plain script
+    if a.full:
+        full = copy_project(tmp/'full')
+        timed([nbs, 'build'], full)
+        secs, mb = peak_rss([nbs, 'build', '--force'], full)
+        psecs, pmb = peak_rss([PY, '-c', PLAIN, 'track'], full)
+        row('1f. cold build, full data (336,776 flights)', secs, psecs, 'plain script')
+        row('5. peak memory, full-data build (process tree RSS)', mb, pmb, 'plain script', unit='MB', goal='< 1536 MB')
+
+    head = '| figure | measured | baseline (same run) | overhead | ratio | goal |\n|---|---|---|---|---|---|\n'
+    table = head + ''.join('| ' + ' | '.join(r) + ' |\n' for r in rows)
+    note = (f"\nMedians of {a.repeats} runs, measured together by `python bench/bench_pipeline.py --repeats {a.repeats}"
+            f"{' --full' if a.full else ''}` on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.\n")
+    print('\n' + table + note)
+    Path(a.out).write_text('# Workflow overhead benchmarks\n\n' + table + note)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == '__main__':
+    main()
