@@ -158,7 +158,8 @@ def test_reproduce_a_clean_run_through_the_registry_gives_identical_metrics(git_
     runs_before = [r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
     shutil.rmtree(root/'.dvc/cache')  # the data must come back by hash from the remote
     for f in RAW: (root/f).unlink()
-    r = nbs(root, 'reproduce', 'models:/flights-delay@champion', '--keep', timeout=1500)
+    try: r = nbs(root, 'reproduce', 'models:/flights-delay@champion', '--keep', timeout=1500)
+    finally: nbs(root, 'data')  # data/raw back for the next test (pulled from the remote)
     out = r.stdout
     assert r.returncode == 0 and 'reproduced: every metric is identical' in out, out + r.stderr
     assert f"run {info['run_id']} (models:/flights-delay@champion)" in out
