@@ -5,7 +5,7 @@
 
 # %% ../notebooks/lib/09_versioning.ipynb #972cc2b6
 from __future__ import annotations
-import argparse, contextlib, json, logging, os, platform, shutil, subprocess, sys, tempfile
+import argparse, contextlib, json, logging, os, platform, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 import yaml
 from .config import DataError, UserError, load_params, project_root
@@ -87,10 +87,13 @@ def verify(files: list[Path], root: Path, rehash: bool = False) -> list[Path]:
 def dvc_repo(root: Path):
     "DVC's Repo at `root`, with DVC's own log output silenced and the working directory at `root`."
     from dvc.repo import Repo
-    lg = logging.getLogger('dvc'); level = lg.level; lg.setLevel(logging.CRITICAL)
+    loggers = [logging.getLogger(n) for n in ('dvc', 'dvc_data', 'dvc_objects')]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers: lg.setLevel(logging.CRITICAL)
     try:
         with contextlib.chdir(root), Repo(str(root)) as repo: yield repo
-    finally: lg.setLevel(level)
+    finally:
+        for lg, level in zip(loggers, levels): lg.setLevel(level)
 
 def _reason(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -310,7 +313,8 @@ def reproduce(ref: str, root: Path | None = None, keep: bool = False, say=print)
         for line in restore_data(root, commit, inputs, wt_root): say(f"data: {line}, md5 verified")
         say(f"params: {_overlay_params(run_id, client, wt_root)}")
         say(f"re-running the pipeline at {commit[:10]} in {wt_root} (log: {tmp/'build.log'}) ...")
-        new_id = _build(wt_root, store, tmp/'build.log')
+        t0 = time.perf_counter(); new_id = _build(wt_root, store, tmp/'build.log')
+        say(f"pipeline re-ran in {time.perf_counter() - t0:.0f}s")
         new = MlflowClient(tracking_uri=f"sqlite:///{store/'mlflow.db'}")
         table, same = compare_metrics(run_metrics(client, run), run_metrics(new, new.get_run(new_id)))
         say(table)

