@@ -25,11 +25,11 @@ $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
-	$(BIN)/python -m uv pip install -q --python $(BIN)/python -r requirements.lock
+	$(BIN)/python -m uv pip install -q --compile-bytecode --python $(BIN)/python -r requirements.lock
 	$(BIN)/python -m uv pip install -q --python $(BIN)/python --no-deps -e .
 	$(BIN)/jupyter server extension disable --sys-prefix ploomber >/dev/null 2>&1 || true
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (nbs_lib)" >/dev/null
-	$(BIN)/python -m nbs_lib.cli activate-env $(VENV)/bin/activate
+	$(BIN)/nbs activate-env $(VENV)/bin/activate
 	@touch $@
 
 setup: $(STAMP) ## create .venv from the pinned lock, prepare Jupyter
@@ -76,3 +76,16 @@ lock: ## re-resolve requirements.lock from pyproject.toml and regenerate environ
 .PHONY: register
 register: setup ## register the best run of the latest sweep (or build) as challenger; promote it to champion if it passes the gate
 	$(BIN)/nbs register $(ARGS)
+
+.PHONY: data-push data-pull reproduce
+
+data-push: data ## share data/raw: dvc push its bytes to the default DVC remote
+	$(BIN)/dvc push
+
+data-pull: setup ## get data/raw from the default DVC remote (dvc pull), then check it by md5
+	$(BIN)/dvc pull
+	$(BIN)/nbs data
+
+reproduce: setup ## re-run a recorded run from its commit and data and compare metrics: make reproduce RUN=<run id|models:/name@alias>
+	@test -n "$(RUN)" || { echo "error: name the run: make reproduce RUN=<run id or models:/name@alias>" >&2; exit 2; }
+	$(BIN)/nbs reproduce $(RUN)
