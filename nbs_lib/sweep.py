@@ -478,7 +478,8 @@ def run_sweep(root: str | Path | None = None, overrides: dict | None = None, gri
                 bar.update(1); post()
         except BaseException:
             bar.close()
-            with contextlib.suppress(Exception): close_children(exp, parent, 'KILLED'); trk.finish_run(parent, 'KILLED')
+            with contextlib.suppress(Exception): close_children(exp, parent, 'KILLED')
+            with contextlib.suppress(Exception): trk.finish_run(parent, 'KILLED')
             raise
         bar.close()
         close_children(exp, parent, 'FAILED')  # runs of workers that died
