@@ -18,6 +18,9 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: help setup data pipeline rebuild test test-fast lab mlflow-ui export check clean lock bench
 
+.PHONY: help setup data pipeline rebuild test test-fast lab mlflow-ui export check clean
+.PHONY: sweep bench-sweep
+
 help: ## list the commands
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
@@ -89,3 +92,10 @@ data-pull: setup ## get data/raw from the default DVC remote (dvc pull), then ch
 reproduce: setup ## re-run a recorded run from its commit and data and compare metrics: make reproduce RUN=<run id|models:/name@alias>
 	@test -n "$(RUN)" || { echo "error: name the run: make reproduce RUN=<run id or models:/name@alias>" >&2; exit 2; }
 	$(BIN)/nbs reproduce $(RUN)
+
+SWEEP_ARGS ?=
+sweep: pipeline ## run the params.yaml sweep grid in parallel, one MLflow child run per configuration (SWEEP_ARGS="--jobs 2 --set ...")
+	$(BIN)/nbs sweep $(SWEEP_ARGS)
+
+bench-sweep: data ## benchmark: per-configuration overhead of a sweep over plain Python, parallel efficiency (bench/results-sweep.md)
+	$(BIN)/python bench/bench_sweep.py
