@@ -298,7 +298,8 @@ def resolve_alias(p: dict, alias: str, root: Path | None = None):
     "The MLflow ModelVersion behind `models:/<registry.model_name>@<alias>`; UserError when there is none."
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
-    from nbs_lib.tracking import setup_tracking, tracking_uri
+    from nbs_lib.config import tracking_uri
+    from nbs_lib.tracking import setup_tracking
     root = Path(root or project_root()); name = get(p, 'registry.model_name', str)
     setup_tracking(p, root)
     try: return MlflowClient().get_model_version_by_alias(name, alias)
