@@ -39,6 +39,8 @@ def serve_params(p: dict) -> dict:
     th = s.get('threshold')
     out['threshold'] = get(p, 'evaluate.threshold', float, lo=0.0, hi=1.0) if th is None else g('threshold', float, lo=0.0, hi=1.0)
     out['model_name'] = get(p, 'registry.model_name', str)
+    if out['batching'] and out['max_batch_size'] < out['max_batch']:
+        raise ParamsError(f"params.yaml: 'serve.batching.max_batch_size' ({out['max_batch_size']}) must be >= 'serve.max_batch' ({out['max_batch']}): a request is never split")
     return out
 
 # %% ../notebooks/lib/10_serving.ipynb #2b468de9
@@ -392,16 +394,15 @@ def _load(stored, threshold: float) -> Scorer:
     model = load_model(str(stored.path_of('mlflow_model')))
     return Scorer(model, stored.info.labels.get('version', str(stored.tag.version)), threshold, stored.info.metadata.get('categories'))
 
-def _read_upload(path: Path) -> pd.DataFrame:
-    with open(path, 'rb') as f: head = f.read(4)
-    try:
-        if head == b'PAR1': return pd.read_parquet(path)
-        df = pd.read_csv(path)
+def _read_upload(path: Path) -> tuple[pd.DataFrame, str]:
+    "The uploaded table and its format ('parquet', known by its magic bytes, else 'csv'); DataError if it is neither."
+    with open(path, 'rb') as f: kind = 'parquet' if f.read(4) == b'PAR1' else 'csv'
+    try: df = pd.read_parquet(path) if kind == 'parquet' else pd.read_csv(path)
     except Exception as e:
         raise DataError(f"file: not a parquet or CSV file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     if not set(FIELDS) & set(map(str, df.columns)):
         raise DataError(f"file: not a parquet or CSV file with the input columns (it has no column of {list(FIELDS)})")
-    return df
+    return df, kind
 
 class Runtime:
     "The service's state: the champion, the shadow challenger, the prediction log; predictions for records and files."
@@ -443,15 +444,15 @@ class Runtime:
 
     def predict_file(self, path: Path, out_dir: str | Path) -> Path:
         "Score a parquet or CSV file; the scored rows (its columns + probability, decision, model_version) in the same format."
-        df = _read_upload(Path(path))
+        df, kind = _read_upload(Path(path))
         X = check_frame(df, self.cfg.s['max_file_rows'])
         rid = uuid.uuid4().hex; now = time.time()
         p = self._score(X, [rid] * len(X), [now] * len(X))
         out = df.reset_index(drop=True).assign(probability=p, decision=p >= self.champion.threshold,
                                                model_version=self.champion.version, request_id=rid)
-        is_parquet = open(path, 'rb').read(4) == b'PAR1'
-        dst = Path(out_dir)/('scored.parquet' if is_parquet else 'scored.csv')
-        out.to_parquet(dst, index=False) if is_parquet else out.to_csv(dst, index=False)
+        dst = Path(out_dir)/f'scored.{kind}'
+        if kind == 'parquet': out.to_parquet(dst, index=False)
+        else: out.to_csv(dst, index=False)
         return dst
 
     def close(self) -> None:

@@ -235,7 +235,7 @@ def test_no_champion_fails_in_one_line_saying_to_run_the_gate(served, tmp_path):
     # `make serve` / `nbs serve`: an MLflow store (it exists: no first-use table creation logs) without a champion
     empty = f"sqlite:///{tmp_path/'empty.db'}"
     MlflowClient(empty).search_experiments()
-    r = nbs(root, 'serve', 'import', check=False, MLFLOW_TRACKING_URI=empty,
+    r = nbs(root, 'serve', 'run', '--port', str(free_port()), check=False, MLFLOW_TRACKING_URI=empty,
             BENTOML_HOME=str(tmp_path/'bentoml'))
     assert r.returncode == 2, r.stdout + r.stderr
     line = r.stderr.strip().splitlines()
