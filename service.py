@@ -3,6 +3,10 @@
 in the `serve:` stage of params.yaml; its build options in bentofile.yaml. `make serve` imports the champion
 from MLflow and runs `bentoml serve service:FlightDelay`."""
 from __future__ import annotations
+import os
+# one OpenMP thread per model call (before scikit-learn loads): a worker's calls do not oversubscribe the cores,
+# throughput scales with serve.workers instead. 2 threads on a busy 2-core box made predict_proba 20x slower.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
 from pathlib import Path
 import bentoml
 from starlette.responses import JSONResponse

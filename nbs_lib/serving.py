@@ -174,8 +174,13 @@ def check_frame(df: pd.DataFrame, max_rows: int | None = None) -> pd.DataFrame:
 def records_frame(records: list) -> pd.DataFrame:
     "Validated records (pydantic models or dicts) as a frame of the input columns with the training dtypes."
     rows = [r if isinstance(r, dict) else r.__dict__ for r in records]
-    data = {c: [row[c] for row in rows] for c in FIELDS}
-    return pd.DataFrame({c: pd.Series(v, dtype=DTYPES[FIELDS[c].kind]) for c, v in data.items()})
+    cols = {}
+    for c, f in FIELDS.items():
+        v = [row[c] for row in rows]
+        if f.kind == 'category': cols[c] = pd.array(v, dtype='str')
+        elif f.kind == 'float': cols[c] = np.array([np.nan if x is None else x for x in v], dtype='float64')
+        else: cols[c] = np.array(v, dtype='int64')
+    return pd.DataFrame(cols)
 
 # %% ../notebooks/lib/10_serving.ipynb #fad3aa22
 def fitted_categories(model) -> dict[str, list[str]]:
@@ -203,6 +208,9 @@ class Scorer:
 
     def unknown(self, X: pd.DataFrame) -> list[list[str]]:
         "For each row, the categorical columns whose value the model did not see in training."
+        if len(X) <= 32:  # a few rows (the common request): set lookups beat pandas' isin
+            cols = {c: X[c].tolist() for c in self._known}
+            return [[c for c, k in self._known.items() if cols[c][i] not in k] for i in range(len(X))]
         flags = {c: ~X[c].isin(k).to_numpy() for c, k in self._known.items()}
         if not any(f.any() for f in flags.values()): return [[] for _ in range(len(X))]
         return [[c for c, f in flags.items() if f[i]] for i in range(len(X))]
@@ -236,10 +244,10 @@ class PredictionLog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name='prediction-log', daemon=True); self._thread.start()
 
-    def append(self, rows: pd.DataFrame) -> None:
-        "Add rows (LOG_COLUMNS); write them out when the buffer is full."
+    def append(self, X: pd.DataFrame, probability, decision, version: str, request_ids, received, shadow: bool = False) -> None:
+        "Add scored records (the arguments of `log_frame`); the frame is built when written, off the request's path."
         with self._lock:
-            self._buf.append(rows); self._n += len(rows)
+            self._buf.append((X, probability, decision, version, request_ids, received, shadow)); self._n += len(X)
             full = self._n >= self.flush_rows
         if full: self.flush()
 
@@ -248,7 +256,8 @@ class PredictionLog:
         import pyarrow as pa, pyarrow.parquet as pq
         with self._lock:
             if not self._buf: return None
-            df = pd.concat(self._buf, ignore_index=True); self._buf, self._n = [], 0
+            buf, self._buf, self._n = self._buf, [], 0
+            df = pd.concat([log_frame(*b) for b in buf], ignore_index=True)
             self._seq += 1; seq = self._seq
             stamp = dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')
             path = self.folder/f'predictions-{stamp}-{os.getpid()}-{seq:06d}.parquet'
@@ -421,14 +430,14 @@ class Runtime:
 
     def _score(self, X: pd.DataFrame, rids, received) -> np.ndarray:
         p = self.champion.probability(X)
-        self.log.append(log_frame(X, p, p >= self.champion.threshold, self.champion.version, rids, received))
+        self.log.append(X, p, p >= self.champion.threshold, self.champion.version, rids, received)
         if self._shadow is not None: self._shadow.submit(self._score_shadow, X, rids, received)
         return p
 
     def _score_shadow(self, X, rids, received) -> None:
         try:
             q = self.challenger.probability(X)
-            self.log.append(log_frame(X, q, q >= self.challenger.threshold, self.challenger.version, rids, received, shadow=True))
+            self.log.append(X, q, q >= self.challenger.threshold, self.challenger.version, rids, received, shadow=True)
         except Exception:  # the challenger never affects answers
             logging.getLogger(__name__).exception('shadow scoring failed')
 
