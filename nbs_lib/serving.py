@@ -241,15 +241,14 @@ class PredictionLog:
         self.folder = Path(folder); self.folder.mkdir(parents=True, exist_ok=True)
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self._buf, self._n, self._seq, self._lock = [], 0, 0, threading.Lock()
-        self._stop = threading.Event()
+        self._stop, self._full = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._loop, name='prediction-log', daemon=True); self._thread.start()
 
     def append(self, X: pd.DataFrame, probability, decision, version: str, request_ids, received, shadow: bool = False) -> None:
         "Add scored records (the arguments of `log_frame`); the frame is built when written, off the request's path."
         with self._lock:
             self._buf.append((X, probability, decision, version, request_ids, received, shadow)); self._n += len(X)
-            full = self._n >= self.flush_rows
-        if full: self.flush()
+            if self._n >= self.flush_rows: self._full.set()  # the writer thread writes it, not the request
 
     def flush(self) -> Path | None:
         "Write the buffered rows to a new file; returns its path (None when the buffer was empty)."
@@ -267,13 +266,14 @@ class PredictionLog:
         return path
 
     def _loop(self):
-        while not self._stop.wait(self.flush_seconds):
+        while not self._stop.is_set():
+            self._full.wait(self.flush_seconds); self._full.clear()
             try: self.flush()
             except Exception: logging.getLogger(__name__).exception('prediction log: flush failed')
 
     def close(self) -> None:
-        "Stop the timer and write what is buffered."
-        self._stop.set(); self._thread.join(timeout=5); self.flush()
+        "Stop the writer thread and write what is buffered."
+        self._stop.set(); self._full.set(); self._thread.join(timeout=10); self.flush()
 
 def read_prediction_log(folder: str | Path) -> pd.DataFrame:
     "Every row of the prediction log under `folder`, oldest first (an empty frame with LOG_COLUMNS when there is none)."
