@@ -99,3 +99,18 @@ sweep: pipeline ## run the params.yaml sweep grid in parallel, one MLflow child 
 
 bench-sweep: data ## benchmark: per-configuration overhead of a sweep over plain Python, parallel efficiency (bench/results-sweep.md)
 	$(BIN)/python bench/bench_sweep.py
+
+# serving (issue 4): the BentoML store is project-local (build/bentoml, set from serve.bentoml_home by `nbs serve`)
+.PHONY: bento container serve bench-serving
+
+bento: setup ## import the MLflow champion into BentoML and build the Bento and its Dockerfile (offline)
+	$(BIN)/nbs serve build
+
+container: setup ## build the Bento, then its image with docker, podman or buildah (says so when none runs)
+	$(BIN)/nbs serve containerize
+
+serve: setup ## serve the MLflow champion on http://127.0.0.1:3000 (after the gate: make register)
+	$(BIN)/nbs serve run
+
+bench-serving: data ## benchmark the service: HTTP vs in-process, latency p50/p99, batching on/off
+	$(BIN)/python bench/bench_serving.py
