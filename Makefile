@@ -114,3 +114,11 @@ serve: setup ## serve the MLflow champion on http://127.0.0.1:3000 (after the ga
 
 bench-serving: data ## benchmark the service: HTTP vs in-process, latency p50/p99, batching on/off
 	$(BIN)/python bench/bench_serving.py
+
+.PHONY: monitor retrain
+
+monitor: setup ## drift report of the latest build and the service's prediction log (build/monitor/report/index.html)
+	$(BIN)/nbs monitor
+
+retrain: rebuild ## retrain on the data in data/raw (every task again), then the gate: nbs register promotes only a better model
+	$(BIN)/nbs register

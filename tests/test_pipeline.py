@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from conftest import DELETE, copy_project, metrics, nbs, ran_tasks, run, set_params, BIN
 
-TASKS = ['ingest', 'features', 'train', 'evaluate']
+TASKS = ['ingest', 'features', 'train', 'evaluate', 'monitor']
 
 
 def test_build_writes_every_product(sample_project):
@@ -58,7 +58,7 @@ def test_noop_rebuild_runs_nothing(sample_project):
 def test_train_param_change_reruns_train_and_evaluate_only(built_copy):
     root = built_copy
     set_params(root, **{'train.hyperparams.hist_gradient_boosting.max_iter': 50})
-    assert ran_tasks(nbs(root, 'build')) == ['train', 'evaluate']
+    assert ran_tasks(nbs(root, 'build')) == ['train', 'evaluate', 'monitor']  # monitor scores with the new model
     assert ran_tasks(nbs(root, 'build')) == []
 
 
@@ -69,7 +69,7 @@ def test_library_change_reruns_the_tasks_that_use_it(built_copy):
     assert ran_tasks(nbs(root, 'build')) == ['evaluate']
     f = root/'nbs_lib/features.py'
     f.write_text(f.read_text() + '\n# a change to the exported code\n')
-    assert ran_tasks(nbs(root, 'build')) == ['features', 'train', 'evaluate']
+    assert ran_tasks(nbs(root, 'build')) == ['features', 'train', 'evaluate', 'monitor']
 
 
 def test_plain_ploomber_build_reads_params_yaml(built_copy):
