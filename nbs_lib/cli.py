@@ -207,18 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser('build', help='check params.yaml and run the pipeline (only what changed)')
     b.add_argument('--force', action='store_true', help='re-run every task')
     sub.add_parser('check', help='check params.yaml and exit')
-    sub.add_parser('data', help='put the raw data in data/raw (from the package) if missing')
+    d = sub.add_parser('data', help='put the raw data in data/raw (dvc pull, else regenerate from the package), checked against its .dvc md5')
+    d.add_argument('--rehash', action='store_true', help='hash every file again, even those verified before')
     a = sub.add_parser('activate-env', help="add the project's environment variables to a venv's activate script")
     a.add_argument('script')
     args = ap.parse_args(argv)
     try:
         if args.cmd == 'check': check_params(load_params()); print('params.yaml: ok')
         elif args.cmd == 'data':
-            from nbs_lib.data import materialize_raw
-            p = check_params(load_params()); root = project_root()
-            files = (p['data']['flights_file'], p['data']['weather_file'])
-            copied = materialize_raw(root/p['data']['raw_dir'], files)
-            print(f"data/raw: {'copied ' + ', '.join(f.name for f in copied) if copied else 'present'}")
+            from nbs_lib.versioning import ensure_raw
+            print(ensure_raw(check_params(load_params()), project_root(), rehash=args.rehash))
         elif args.cmd == 'activate-env': activate_env(args.script)
         elif args.cmd == 'build':
             t0 = time.perf_counter(); st = build(force=args.force)

@@ -11,6 +11,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from .config import UserError, project_root, tracking_uri
 from .data import md5
+from .versioning import dvc_tags
 
 # %% auto #0
 __all__ = ['HTTP_DEFAULTS', 'MODEL_PACKAGES', 'check_reachable', 'setup_tracking', 'git_state', 'lineage_tags', 'flatten',
@@ -74,6 +75,7 @@ def lineage_tags(inputs: dict[str, str | Path], root: Path | None = None) -> dic
     lock = root/'requirements.lock'
     if lock.exists(): tags['lock.md5'] = md5(lock)
     for name, path in inputs.items(): tags[f'data.{name}.md5'] = md5(path)
+    tags.update(dvc_tags(inputs, root))  # dvc.<name>.md5 and .path: what the committed .dvc file records
     return tags
 
 def flatten(d: dict, prefix: str = '') -> dict:

@@ -1,0 +1,131 @@
+"""Benchmark of the BentoML service (issue 4): every figure against its baseline, measured in the same run.
+
+    python bench/bench_serving.py [--repeats 5] [--rows 20000] [--frac 0.03]    (or: make bench-serving)
+
+A throw-away copy of the project is built on a sample, its model registered as the champion with the real MLflow
+API, imported into a BentoML store of its own and served by `bentoml serve` on 127.0.0.1 (loopback only).
+1. batch throughput: /predict_file (a parquet of --rows rows) and /predict (JSON, serve.max_batch rows a request)
+   against the champion's in-process predict_proba on the same rows (goal: HTTP >= 0.5x in-process)
+2. single-row /predict latency p50/p99 at concurrency 1 and 32 (goal: p99 < 20 ms at concurrency 1)
+3. the same with adaptive batching off (serve.batching.enabled: false), on a second server
+Medians of --repeats runs; every loop is bounded. Prints one table and writes bench/results-serving.md.
+"""
+from __future__ import annotations
+import argparse, asyncio, io, json, math, os, platform, statistics, sys, tempfile, time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent/'tests'))
+from conftest import PROJECT_FILES, copy_project, env_for, nbs, set_params  # noqa: E402
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs); return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+async def _latencies(url: str, rec: dict, concurrency: int, total: int) -> tuple[list[float], float]:
+    """`total` single-row requests from `concurrency` clients; (latencies in ms, requests per second)."""
+    import httpx
+    lat: list[float] = []
+    body = json.dumps({'flights': [rec]}).encode()
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as c:
+        async def worker(n: int):
+            for _ in range(n):
+                t0 = time.perf_counter()
+                r = await c.post('/predict', content=body, headers={'content-type': 'application/json'})
+                lat.append((time.perf_counter() - t0) * 1000)
+                if r.status_code != 200: raise SystemExit(f'/predict answered {r.status_code}: {r.text[:300]}')
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(total // concurrency) for _ in range(concurrency)))
+        return lat, len(lat) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--repeats', type=int, default=5)
+    ap.add_argument('--rows', type=int, default=20000, help='rows scored in the throughput figures')
+    ap.add_argument('--frac', type=float, default=0.03, help='sample of the data the model is trained on')
+    ap.add_argument('--requests', type=int, default=640, help='single-row requests per latency figure')
+    ap.add_argument('--out', default=str(HERE/'results-serving.md'))
+    a = ap.parse_args()
+    import httpx, mlflow, pandas as pd
+    from mlflow.tracking import MlflowClient
+    from nbs_lib.serving import free_port, json_records, start_server, stop_server, wait_ready
+    from nbs_lib.tracking import load_model
+
+    tmp = Path(tempfile.mkdtemp(prefix='nbs-bench-serving-'))
+    root = copy_project(tmp/'proj', files=PROJECT_FILES + ['service.py', 'bentofile.yaml'])
+    set_params(root, **{'data.sample_frac': a.frac, 'serve.workers': 1})
+    home = str(root/'build/bentoml')
+    print(f'building the sample project in {root} ...', flush=True)
+    nbs(root, 'build')
+    mlflow.set_tracking_uri(f"sqlite:///{root/'mlflow.db'}")
+    mv = mlflow.register_model(json.loads((root/'build/train/run.json').read_text())['model_uri'], 'flights-delay')
+    MlflowClient().set_registered_model_alias('flights-delay', 'champion', mv.version)
+    nbs(root, 'serve', 'import', BENTOML_HOME=home, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR='false')
+
+    test = pd.read_parquet(root/'build/features/test.parquet').drop(columns=['late'])
+    X = pd.concat([test] * math.ceil(a.rows / len(test)), ignore_index=True).head(a.rows)
+    model = load_model('models:/flights-delay@champion')
+    model.predict_proba(X.head(100))
+    from threadpoolctl import threadpool_limits
+    def inproc():
+        with threadpool_limits(1):  # as in the service (OMP_NUM_THREADS=1 per worker)
+            t0 = time.perf_counter(); model.predict_proba(X); return a.rows / (time.perf_counter() - t0)
+    base = statistics.median(inproc() for _ in range(a.repeats))
+
+    buf = io.BytesIO(); X.to_parquet(buf); parquet = buf.getvalue()
+    recs = json_records(X); max_batch = 1000
+    rows, results = [], {}
+    def row(what, value, baseline, base_name, unit, goal=''):
+        ratio = f'{value / baseline:.2f}x' if baseline else ''
+        rows.append((what, f'{value:,.1f} {unit}', f'{baseline:,.1f} {unit} ({base_name})' if baseline else '', ratio, goal))
+        print(' | '.join(rows[-1]), flush=True)
+
+    for batching in (True, False):
+        set_params(root, **{'serve.batching.enabled': batching, 'serve.max_batch': max_batch})
+        port = free_port(); url = f'http://127.0.0.1:{port}'; log = tmp/f'server-{batching}.log'
+        proc = start_server(root, port, env_for(root, BENTOML_HOME=home), log)
+        try:
+            ready = wait_ready(url, proc, 300, log)
+            print(f'server (batching {"on" if batching else "off"}) ready in {ready:.1f}s', flush=True)
+            with httpx.Client(base_url=url, timeout=300) as c:
+                for _ in range(3): c.post('/predict', json={'flights': recs[:10]}).raise_for_status()  # warm up
+                if batching:
+                    def http_file():
+                        t0 = time.perf_counter()
+                        r = c.post('/predict_file', files={'file': ('rows.parquet', parquet)}); r.raise_for_status()
+                        return a.rows / (time.perf_counter() - t0)
+                    def http_json():
+                        t0 = time.perf_counter()
+                        for i in range(0, a.rows, max_batch):
+                            c.post('/predict', json={'flights': recs[i:i + max_batch]}).raise_for_status()
+                        return a.rows / (time.perf_counter() - t0)
+                    row(f'1a. batch over HTTP: /predict_file, parquet of {a.rows:,} rows', statistics.median(http_file() for _ in range(a.repeats)),
+                        base, 'in-process predict_proba, 1 thread', 'rows/s', '>= 0.5x')
+                    row(f'1b. batch over HTTP: /predict, JSON, {max_batch} rows a request', statistics.median(http_json() for _ in range(a.repeats)),
+                        base, 'in-process predict_proba, 1 thread', 'rows/s', '>= 0.5x')
+            for conc in (1, 32):
+                runs = [asyncio.run(_latencies(url, recs[0], conc, a.requests)) for _ in range(a.repeats)]
+                p50 = statistics.median(_pct(l, 0.5) for l, _ in runs); p99 = statistics.median(_pct(l, 0.99) for l, _ in runs)
+                rps = statistics.median(r for _, r in runs)
+                results[(batching, conc)] = (p50, p99, rps)
+        finally:
+            stop_server(proc)
+    for conc in (1, 32):
+        (p50, p99, rps), (q50, q99, qps) = results[(True, conc)], results[(False, conc)]
+        row(f'2. single row, concurrency {conc}, batching on: p50', p50, q50, 'batching off', 'ms')
+        row(f'2. single row, concurrency {conc}, batching on: p99', p99, q99, 'batching off', 'ms', '< 20 ms' if conc == 1 else '')
+        row(f'2. single row, concurrency {conc}, batching on: throughput', rps, qps, 'batching off', 'req/s')
+    env = (f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}, '
+           f'1 worker, model trained on a {a.frac} sample, medians of {a.repeats} runs')
+    head = '| figure | value | baseline (same run) | ratio | goal |\n|---|---|---|---|---|\n'
+    table = head + '\n'.join('| ' + ' | '.join(r) + ' |' for r in rows)
+    text = (f'# Serving benchmark\n\n`python bench/bench_serving.py --repeats {a.repeats} --rows {a.rows} --frac {a.frac} '
+            f'--requests {a.requests}`\n\n{env}\n\n{table}\n')
+    Path(a.out).write_text(text)
+    print('\n' + table + f'\n\n{env}\nwritten to {a.out}')
+
+
+if __name__ == '__main__':
+    main()
