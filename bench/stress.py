@@ -93,7 +93,7 @@ def fuzz(url: str, examples: int, seed: int, out: Path) -> tuple[int, int, str]:
     cmd = [str(BIN/'st'), 'run', str(out/'openapi.json'), '--url', url, '--include-path-regex', '^/predict', '--max-examples', str(examples),
            '--seed', str(seed), '--checks', 'not_a_server_error', '--workers', '2', '--request-timeout', '60',
            '--generation-database', 'none', '--report', 'junit', '--report-dir', str(out), '--warnings', 'off']
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env={**os.environ, 'NO_COLOR': '1'})
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=out, env={**os.environ, 'NO_COLOR': '1'})
     after = http_counts(url)
     diff = {k: after.get(k, 0) - before.get(k, 0) for k in after if k[0].startswith('/predict')}
     total = int(sum(diff.values())); fivexx = int(sum(v for (_, code), v in diff.items() if code.startswith('5')))
