@@ -1,6 +1,6 @@
 """Stress of the BentoML service (issue 8): bounded load from a second process, then schema-driven fuzzing.
 
-    python bench/stress.py [--seconds 60] [--concurrency 32] [--fuzz-examples 1000]    (or: make stress)
+    python bench/stress.py [--seconds 60] [--concurrency 32] [--fuzz-examples 1000] [--fuzz-seconds 60]    (or: make stress)
 
 A throw-away copy of the project is built on a sample, its model registered as the champion with the real MLflow
 API (as tests/test_serving.py does), imported into a project-local BentoML store and served by `bentoml serve` on
@@ -9,7 +9,7 @@ API (as tests/test_serving.py does), imported into a project-local BentoML store
    (at most --max-requests in all); every non-2xx answer or exception is an error. Latency p50/p99, and the RSS of
    the server's process tree (psutil) after warm-up and at the end.
 2. fuzz: `st run` (schemathesis) generates requests from the service's own OpenAPI schema (/docs.json) for
-   /predict and /predict_file, --fuzz-examples per operation and phase; requests and 5xx are counted from the
+   /predict and /predict_file, --fuzz-examples per operation and phase, repeated for --fuzz-seconds; requests and 5xx are counted from the
    server's own Prometheus /metrics, so nothing the fuzzer sent escapes the count. The server must still be ready.
 Prints a table, writes bench/results-stress.md; exits 1 on any load error, any 5xx, or a server that is not up.
 """
@@ -85,12 +85,12 @@ def openapi_31(url: str) -> dict:
     return {**spec, 'openapi': '3.1.0'}
 
 
-def fuzz(url: str, examples: int, seed: int, out: Path) -> tuple[int, int, str]:
+def fuzz(url: str, examples: int, seconds: float, seed: int, out: Path) -> tuple[int, int, str]:
     """`st run` on the service's OpenAPI schema against /predict and /predict_file: (requests, 5xx, st's summary)."""
     out.mkdir(parents=True, exist_ok=True)
     (out/'openapi.json').write_text(json.dumps(openapi_31(url)))
     before = http_counts(url)
-    cmd = [str(BIN/'st'), 'run', str(out/'openapi.json'), '--url', url, '--include-path-regex', '^/predict', '--max-examples', str(examples),
+    cmd = [str(BIN/'st'), 'run', str(out/'openapi.json'), '--url', url, '--include-path-regex', '^/predict', '--max-examples', str(examples), '--max-time', str(int(seconds)),
            '--seed', str(seed), '--checks', 'not_a_server_error', '--workers', '2', '--request-timeout', '60',
            '--generation-database', 'none', '--report', 'junit', '--report-dir', str(out), '--warnings', 'off']
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=out, env={**os.environ, 'NO_COLOR': '1'})
@@ -109,6 +109,7 @@ def main() -> int:
     ap.add_argument('--concurrency', type=int, default=32, help='concurrent clients of the load')
     ap.add_argument('--max-requests', type=int, default=200_000, help='bound on the load requests')
     ap.add_argument('--fuzz-examples', type=int, default=1000, help='schemathesis examples per operation and phase (0: no fuzzing)')
+    ap.add_argument('--fuzz-seconds', type=float, default=60, help='time budget of the fuzzing (st run --max-time): it repeats until spent')
     ap.add_argument('--frac', type=float, default=0.03, help='sample of the data the model is trained on')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--out', default=str(HERE/'results-stress.md'))
@@ -148,11 +149,13 @@ def main() -> int:
         if res['errors']: failed.append(f"{len(res['errors'])} load errors, first: {res['errors'][:3]}")
         if a.fuzz_examples:
             t0 = time.monotonic()
-            n, n5, summary = fuzz(url, a.fuzz_examples, a.seed, tmp/'fuzz')
-            row(f'fuzz: requests to /predict, /predict_file (st run, --max-examples {a.fuzz_examples})', f'{n:,} in {time.monotonic() - t0:.0f} s')
+            n, n5, summary = fuzz(url, a.fuzz_examples, a.fuzz_seconds, a.seed, tmp/'fuzz')
+            row(f'fuzz: requests to /predict, /predict_file (st run, --max-examples {a.fuzz_examples} --max-time {a.fuzz_seconds:g})', f'{n:,} in {time.monotonic() - t0:.0f} s')
             row('fuzz: 5xx answers', str(n5))
             print(summary, flush=True)
-            if n5: failed.append(f'{n5} 5xx answers to fuzzing: see {tmp}/fuzz/st-run.log and {log}')
+            if n5:
+                kinds = sorted(set(re.findall(r'^starlette\.exceptions\.HTTPException: .*$', log.read_text(), re.M)))
+                failed.append(f'{n5} 5xx answers to fuzzing ({"; ".join(kinds[:5])}): see {tmp}/fuzz/st-run.log and {log}')
         up = httpx.get(f'{url}/readyz', timeout=30).status_code == 200 and proc.poll() is None
         row('server ready at the end', 'yes' if up else 'NO')
         if not up: failed.append('server not ready at the end')
@@ -162,7 +165,7 @@ def main() -> int:
            f'serve: parameters of params.yaml ({_workers(root)} worker), model trained on a {a.frac} sample')
     table = '| figure | value |\n|---|---|\n' + '\n'.join(f'| {w} | {v} |' for w, v in rows)
     text = (f'# Stress of the service\n\n`python bench/stress.py --seconds {a.seconds:g} --concurrency {a.concurrency} '
-            f'--fuzz-examples {a.fuzz_examples}`\n\n{env}\n\n{table}\n')
+            f'--fuzz-examples {a.fuzz_examples} --fuzz-seconds {a.fuzz_seconds:g}`\n\n{env}\n\n{table}\n')
     Path(a.out).write_text(text)
     print('\n' + table + f'\n\n{env}\nwritten to {a.out}')
     for f in failed: print(f'error: {f}', file=sys.stderr)
