@@ -122,3 +122,9 @@ monitor: setup ## drift report of the latest build and the service's prediction 
 
 retrain: rebuild ## retrain on the data in data/raw (every task again), then the gate: nbs register promotes only a better model
 	$(BIN)/nbs register
+
+.PHONY: stress
+
+STRESS_ARGS ?=
+stress: data ## the service under load (60 s, concurrency 32) and schema fuzzing: errors, p99, memory, 5xx (bench/results-stress.md)
+	$(BIN)/python bench/stress.py $(STRESS_ARGS)

@@ -1,0 +1,181 @@
+"""Stress of the BentoML service (issue 8): bounded load from a second process, then schema-driven fuzzing.
+
+    python bench/stress.py [--seconds 60] [--concurrency 32] [--fuzz-examples 1000] [--fuzz-seconds 60]    (or: make stress)
+
+A throw-away copy of the project is built on a sample, its model registered as the champion with the real MLflow
+API (as tests/test_serving.py does), imported into a project-local BentoML store and served by `bentoml serve` on
+127.0.0.1 with the project's own serve: parameters. This process is the client:
+1. load: --concurrency async clients post single-row and small-batch (2 to 10 rows) /predict requests for --seconds
+   (at most --max-requests in all); every non-2xx answer or exception is an error. Latency p50/p99, and the RSS of
+   the server's process tree (psutil) after warm-up and at the end.
+2. fuzz: `st run` (schemathesis) generates requests from the service's own OpenAPI schema (/docs.json) for
+   /predict and /predict_file, --fuzz-examples per operation and phase, repeated for --fuzz-seconds; requests and 5xx are counted from the
+   server's own Prometheus /metrics, so nothing the fuzzer sent escapes the count. The server must still be ready.
+Prints a table, writes bench/results-stress.md; exits 1 on any load error, any 5xx, or a server that is not up.
+"""
+from __future__ import annotations
+import argparse, asyncio, json, os, platform, random, re, subprocess, sys, tempfile, time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent/'tests'))
+from conftest import BIN, PROJECT_FILES, copy_project, nbs, set_params  # noqa: E402
+from test_serving import _env, _register  # noqa: E402
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs); return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float('nan')
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory (bytes) of a process and all its descendants."""
+    import psutil
+    p = psutil.Process(pid); total = 0
+    for q in [p, *p.children(recursive=True)]:
+        try: total += q.memory_info().rss
+        except psutil.NoSuchProcess: pass
+    return total
+
+
+def http_counts(url: str) -> dict[tuple[str, str], float]:
+    """{(endpoint, status code): requests} from the server's Prometheus /metrics (summed over workers)."""
+    import httpx
+    out: dict[tuple[str, str], float] = {}
+    for line in httpx.get(f'{url}/metrics', timeout=30).text.splitlines():
+        if not line.startswith('bentoml_service_request_total{'): continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        key = (labels.get('endpoint', ''), labels.get('http_response_code', ''))
+        out[key] = out.get(key, 0) + float(line.rsplit(' ', 1)[1])
+    return out
+
+
+async def load(url: str, recs: list[dict], seconds: float, concurrency: int, max_requests: int, seed: int) -> dict:
+    """Single-row (4 in 5) and 2-10-row /predict requests from `concurrency` clients until `seconds` or `max_requests`."""
+    import httpx
+    rnd = random.Random(seed)
+    bodies = [json.dumps({'flights': [r]}).encode() for r in recs[:200]]
+    bodies += [json.dumps({'flights': recs[i:i + rnd.randint(2, 10)]}).encode() for i in range(0, 500, 10)]
+    lat: list[float] = []; errors: list[str] = []; sent = 0
+    deadline = time.monotonic() + seconds
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as c:
+        async def client(k: int):
+            nonlocal sent
+            r_ = random.Random(seed + k)
+            while time.monotonic() < deadline and sent < max_requests:
+                sent += 1
+                body = bodies[r_.randrange(200)] if r_.random() < 0.8 else bodies[200 + r_.randrange(len(bodies) - 200)]
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post('/predict', content=body, headers={'content-type': 'application/json'})
+                    if not 200 <= r.status_code < 300: errors.append(f'HTTP {r.status_code}: {r.text[:200]}')
+                except Exception as e:  # a refused, reset or timed-out connection is an error too
+                    errors.append(f'{type(e).__name__}: {e}')
+                lat.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {'requests': len(lat), 'errors': errors, 'p50': _pct(lat, 0.5), 'p99': _pct(lat, 0.99), 'rps': len(lat) / wall}
+
+
+def openapi_31(url: str) -> dict:
+    """The service's OpenAPI schema, labelled 3.1.0: BentoML 1.4 says 3.0.2 but writes pydantic 2's JSON Schema of
+    OpenAPI 3.1 (`{"type": "null"}` in anyOf, a numeric exclusiveMinimum), which schemathesis cannot generate from as 3.0."""
+    import httpx
+    spec = httpx.get(f'{url}/docs.json', timeout=30).json()
+    return {**spec, 'openapi': '3.1.0'}
+
+
+def fuzz(url: str, examples: int, seconds: float, seed: int, out: Path) -> tuple[int, int, str]:
+    """`st run` on the service's OpenAPI schema against /predict and /predict_file: (requests, 5xx, st's summary)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out/'openapi.json').write_text(json.dumps(openapi_31(url)))
+    before = http_counts(url)
+    cmd = [str(BIN/'st'), 'run', str(out/'openapi.json'), '--url', url, '--include-path-regex', '^/predict', '--max-examples', str(examples), '--max-time', str(int(seconds)),
+           '--seed', str(seed), '--checks', 'not_a_server_error', '--workers', '2', '--request-timeout', '60',
+           '--generation-database', 'none', '--report', 'junit', '--report-dir', str(out), '--warnings', 'off']
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=out, env={**os.environ, 'NO_COLOR': '1'})
+    after = http_counts(url)
+    diff = {k: after.get(k, 0) - before.get(k, 0) for k in after if k[0].startswith('/predict')}
+    total = int(sum(diff.values())); fivexx = int(sum(v for (_, code), v in diff.items() if code.startswith('5')))
+    (out/'st-run.log').write_text(p.stdout + p.stderr)
+    summary = '\n'.join(l for l in p.stdout.splitlines() if re.search(r'passed|failed|error|Test cases|Operations|cases', l, re.I))
+    if p.returncode not in (0, 1): summary += f'\nst run exited {p.returncode}:\n{p.stderr[-2000:]}'
+    return total, fivexx, summary
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--seconds', type=float, default=60, help='duration of the load')
+    ap.add_argument('--concurrency', type=int, default=32, help='concurrent clients of the load')
+    ap.add_argument('--max-requests', type=int, default=200_000, help='bound on the load requests')
+    ap.add_argument('--fuzz-examples', type=int, default=1000, help='schemathesis examples per operation and phase (0: no fuzzing)')
+    ap.add_argument('--fuzz-seconds', type=float, default=60, help='time budget of the fuzzing (st run --max-time): it repeats until spent')
+    ap.add_argument('--frac', type=float, default=0.03, help='sample of the data the model is trained on')
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--out', default=str(HERE/'results-stress.md'))
+    a = ap.parse_args()
+    import pandas as pd
+    from nbs_lib.serving import free_port, json_records, start_server, stop_server, wait_ready
+
+    tmp = Path(tempfile.mkdtemp(prefix='nbs-stress-'))
+    root = copy_project(tmp/'proj', files=PROJECT_FILES + ['service.py', 'bentofile.yaml'])
+    set_params(root, **{'data.sample_frac': a.frac})
+    print(f'building the sample project in {root} ...', flush=True)
+    nbs(root, 'build')
+    _register(root)
+    nbs(root, 'serve', 'import', BENTOML_HOME=str(root/'build/bentoml'), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR='false')
+    recs = json_records(pd.read_parquet(root/'build/features/test.parquet').drop(columns=['late']).sample(600, random_state=a.seed))
+
+    port = free_port(); url = f'http://127.0.0.1:{port}'; log = root/'server.log'
+    proc = start_server(root, port, _env(root), log)
+    rows: list[tuple[str, str]] = []; failed: list[str] = []
+    def row(what: str, value: str) -> None:
+        rows.append((what, value)); print(f'{what}: {value}', flush=True)
+    try:
+        print(f'server ready in {wait_ready(url, proc, 300, log):.1f}s', flush=True)
+        import httpx
+        for i in range(20): httpx.post(f'{url}/predict', json={'flights': recs[i:i + 5]}, timeout=60).raise_for_status()
+        rss0 = tree_rss(proc.pid)
+        res = asyncio.run(load(url, recs, a.seconds, a.concurrency, a.max_requests, a.seed))
+        rss1 = tree_rss(proc.pid)
+        row(f'load: /predict requests ({a.seconds:g} s, concurrency {a.concurrency}, 1 to 10 rows)', f"{res['requests']:,}")
+        row('load: errors (non-2xx or exception)', str(len(res['errors'])))
+        row('load: throughput', f"{res['rps']:,.1f} req/s")
+        row('load: latency p50', f"{res['p50']:.1f} ms")
+        row('load: latency p99', f"{res['p99']:.1f} ms")
+        row('server RSS (process tree) after warm-up', f'{rss0 / 2**20:,.1f} MiB')
+        row('server RSS (process tree) after the load', f'{rss1 / 2**20:,.1f} MiB')
+        row('server RSS growth', f'{(rss1 - rss0) / 2**20:+,.1f} MiB ({(rss1 - rss0) / rss0:+.1%})')
+        if res['errors']: failed.append(f"{len(res['errors'])} load errors, first: {res['errors'][:3]}")
+        if a.fuzz_examples:
+            t0 = time.monotonic()
+            n, n5, summary = fuzz(url, a.fuzz_examples, a.fuzz_seconds, a.seed, tmp/'fuzz')
+            row(f'fuzz: requests to /predict, /predict_file (st run, --max-examples {a.fuzz_examples} --max-time {a.fuzz_seconds:g})', f'{n:,} in {time.monotonic() - t0:.0f} s')
+            row('fuzz: 5xx answers', str(n5))
+            print(summary, flush=True)
+            if n5:
+                kinds = sorted(set(re.findall(r'^starlette\.exceptions\.HTTPException: .*$', log.read_text(), re.M)))
+                failed.append(f'{n5} 5xx answers to fuzzing ({"; ".join(kinds[:5])}): see {tmp}/fuzz/st-run.log and {log}')
+        up = httpx.get(f'{url}/readyz', timeout=30).status_code == 200 and proc.poll() is None
+        row('server ready at the end', 'yes' if up else 'NO')
+        if not up: failed.append('server not ready at the end')
+    finally:
+        stop_server(proc)
+    env = (f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}, '
+           f'serve: parameters of params.yaml ({_workers(root)} worker), model trained on a {a.frac} sample')
+    table = '| figure | value |\n|---|---|\n' + '\n'.join(f'| {w} | {v} |' for w, v in rows)
+    text = (f'# Stress of the service\n\n`python bench/stress.py --seconds {a.seconds:g} --concurrency {a.concurrency} '
+            f'--fuzz-examples {a.fuzz_examples} --fuzz-seconds {a.fuzz_seconds:g}`\n\n{env}\n\n{table}\n')
+    Path(a.out).write_text(text)
+    print('\n' + table + f'\n\n{env}\nwritten to {a.out}')
+    for f in failed: print(f'error: {f}', file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _workers(root: Path) -> int:
+    import yaml
+    return yaml.safe_load((root/'params.yaml').read_text())['serve']['workers']
+
+
+if __name__ == '__main__':
+    sys.exit(main())
