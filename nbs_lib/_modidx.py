@@ -6,7 +6,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'nbs_lib.cli._dispatch': ('cli.html#_dispatch', 'nbs_lib/cli.py'),
                              'nbs_lib.cli._fingerprint_file': ('cli.html#_fingerprint_file', 'nbs_lib/cli.py'),
                              'nbs_lib.cli._invalidate_outdated': ('cli.html#_invalidate_outdated', 'nbs_lib/cli.py'),
-                             'nbs_lib.cli._task_names': ('cli.html#_task_names', 'nbs_lib/cli.py'),
+                             'nbs_lib.cli._pipeline_tasks': ('cli.html#_pipeline_tasks', 'nbs_lib/cli.py'),
                              'nbs_lib.cli._warm_up': ('cli.html#_warm_up', 'nbs_lib/cli.py'),
                              'nbs_lib.cli.activate_env': ('cli.html#activate_env', 'nbs_lib/cli.py'),
                              'nbs_lib.cli.build': ('cli.html#build', 'nbs_lib/cli.py'),

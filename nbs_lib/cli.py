@@ -81,16 +81,18 @@ def _build_lock(root: Path):
     return f
 
 # %% ../notebooks/lib/06_cli.ipynb #2f44aff2
-def _declared_products(root: Path) -> list[Path]:
+def _pipeline_tasks(root: Path) -> list[dict]:
     import yaml
-    spec = yaml.safe_load((root/'pipeline.yaml').read_text())
+    return yaml.safe_load((root/'pipeline.yaml').read_text()).get('tasks', [])
+
+def _declared_products(tasks: list[dict], root: Path) -> list[Path]:
     out = []
-    for t in spec.get('tasks', []):
+    for t in tasks:
         prods = t.get('product', {})
         for v in (prods.values() if isinstance(prods, dict) else [prods]): out.append(root/str(v))
     return out
 
-def fingerprint(root: Path, params: dict) -> str:
+def fingerprint(root: Path, params: dict, tasks: list[dict] | None = None) -> str:
     "Digest of every input and product that decides whether the pipeline is up to date (see above)."
     import hashlib
     h = hashlib.md5()
@@ -99,7 +101,7 @@ def fingerprint(root: Path, params: dict) -> str:
     for f in content: h.update(f'{f.relative_to(root)}\0'.encode()); h.update(f.read_bytes())
     d = params['data']
     stats = [root/d['raw_dir']/d['flights_file'], root/d['raw_dir']/d['weather_file']]
-    for prod in _declared_products(root):
+    for prod in _declared_products(tasks if tasks is not None else _pipeline_tasks(root), root):
         stats.append(prod); stats.append(prod.with_name(f'.{prod.name}.metadata'))
         if prod.is_dir(): stats.extend(sorted(q for q in prod.rglob('*') if q.is_file()))
     for f in stats:
@@ -118,20 +120,19 @@ def _warm_up() -> None:
     matplotlib.use('Agg')
     for m in WARM_MODULES: importlib.import_module(m)
 
-def _invalidate_outdated(dag) -> list[str]:
+def _invalidate_outdated(dag) -> None:
     from ploomber.constants import TaskStatus
-    outdated = [t for t in dag.values() if t.exec_status == TaskStatus.WaitingExecution]
-    for t in outdated: t.product.metadata.delete()
-    return [t.name for t in outdated]
+    for t in dag.values():
+        if t.exec_status == TaskStatus.WaitingExecution: t.product.metadata.delete()
 
 def build(force: bool = False, root: Path | None = None, quiet: bool = False) -> dict:
     "Check params.yaml, then run the Ploomber pipeline in `root`; returns {task: status}. Raises UserError on failure."
     offline_env()
     root = Path(root or project_root())
     params = check_params(load_params(root/'params.yaml'))
-    fp = _fingerprint_file(root)
-    if not force and fp.exists() and fp.read_text() == fingerprint(root, params):
-        return {name: 'skipped' for name in _task_names(root)}
+    fp, tasks = _fingerprint_file(root), _pipeline_tasks(root)
+    if not force and fp.exists() and fp.read_text() == fingerprint(root, params, tasks):
+        return {t['name']: 'skipped' for t in tasks}
     from nbs_lib.models import model_from_params
     model_from_params(params)  # hyperparameters are checked against the estimator before anything runs
     cwd = os.getcwd(); os.chdir(root)
@@ -156,15 +157,11 @@ def build(force: bool = False, root: Path | None = None, quiet: bool = False) ->
                 line = failure_line(line or '') or line or failure_line(str(e))
                 raise UserError(f"task '{t.name}' failed: {line or 'see the traceback above'}") from None
             raise UserError(failure_line(str(e)) or f"build failed: {str(e).splitlines()[0]}") from None
-        fp.write_text(fingerprint(root, params))
+        fp.write_text(fingerprint(root, params, tasks))
         d = report.to_dict()
         return {n: ('ran' if ran else 'skipped') for n, ran in zip(d['name'], d['Ran?'])}
     finally:
         os.chdir(cwd); lock.close()
-
-def _task_names(root: Path) -> list[str]:
-    import yaml
-    return [t['name'] for t in yaml.safe_load((root/'pipeline.yaml').read_text()).get('tasks', [])]
 
 def summary(root: Path | None = None) -> str:
     "Where the products of the last build are, and how to see its MLflow run."

@@ -71,6 +71,13 @@ def ran_tasks(r: subprocess.CompletedProcess) -> list[str]:
     return [] if tail.startswith('nothing') else [t.strip() for t in tail.split(',')]
 
 
+def run_statuses(root: Path) -> dict:
+    """{run id: status} of every run in every experiment of the project's sqlite MLflow store."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{root/'mlflow.db'}")
+    return {r.info.run_id: r.info.status for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+
+
 def metrics(root: Path) -> dict:
     return json.loads((root/'build/evaluate/metrics.json').read_text())
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-from conftest import DELETE, copy_project, metrics, nbs, ran_tasks, run, set_params, BIN
+from conftest import DELETE, copy_project, metrics, nbs, ran_tasks, run, run_statuses, set_params, BIN
 
 TASKS = ['ingest', 'features', 'train', 'evaluate', 'monitor']
 
@@ -125,8 +125,7 @@ def test_bad_data_file_names_the_column_and_keeps_runs(built_copy, corrupt, expe
     import pandas as pd
     root = built_copy
     before = _products(root)
-    client = MlflowClient(f"sqlite:///{root/'mlflow.db'}")
-    runs_before = {r.info.run_id: r.info.status for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    runs_before = run_statuses(root)
     f = pd.read_csv(root/'data/raw/flights.csv.zip')
     corrupt(f).to_csv(root/'data/raw/flights.csv.zip', index=False, compression='zip')
     r = nbs(root, 'build', check=False)
@@ -137,8 +136,7 @@ def test_bad_data_file_names_the_column_and_keeps_runs(built_copy, corrupt, expe
     after = _products(root)
     for k, v in before.items():
         if 'notebooks/01_ingest' not in str(k): assert after.get(k) == v, k
-    runs_after = {r.info.run_id: r.info.status for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
-    assert runs_after == runs_before
+    assert run_statuses(root) == runs_before
 
 
 def test_two_forced_clean_builds_give_identical_metrics(sample_project, fresh_project):

@@ -3,13 +3,7 @@ from __future__ import annotations
 import json, os, signal, sqlite3, subprocess, time
 from pathlib import Path
 import pytest
-from mlflow.tracking import MlflowClient
-from conftest import BIN, env_for, metrics, nbs, ran_tasks, set_params
-
-
-def _runs(root: Path) -> dict:
-    c = MlflowClient(f"sqlite:///{root/'mlflow.db'}")
-    return {r.info.run_id: r.info.status for r in c.search_runs([e.experiment_id for e in c.search_experiments()])}
+from conftest import BIN, env_for, metrics, nbs, ran_tasks, run_statuses, set_params
 
 
 def _running_build(root: Path) -> bool:
@@ -33,13 +27,13 @@ def test_build_killed_mid_task_reruns_it_and_closes_its_run(sample_project, buil
         time.sleep(0.2)
     time.sleep(1.0)
     os.killpg(p.pid, signal.SIGKILL); p.wait()
-    killed = [rid for rid, st in _runs(root).items() if st == 'RUNNING']
+    killed = [rid for rid, st in run_statuses(root).items() if st == 'RUNNING']
     assert len(killed) == 1
     r = nbs(root, 'build')
     assert ran_tasks(r) == ['train', 'evaluate', 'monitor']
-    assert _runs(root)[killed[0]] == 'KILLED'
+    assert run_statuses(root)[killed[0]] == 'KILLED'
     new = json.loads((root/'build/train/run.json').read_text())['run_id']
-    assert new != killed[0] and _runs(root)[new] == 'FINISHED'
+    assert new != killed[0] and run_statuses(root)[new] == 'FINISHED'
     assert ran_tasks(nbs(root, 'build')) == []
 
 
@@ -60,7 +54,7 @@ def test_second_concurrent_build_is_refused(built_copy):
 def test_corrupt_raw_inputs_fail_in_one_line_and_keep_products(built_copy, name, write, expected):
     root = built_copy
     before = {p: p.read_bytes() for p in (root/'build').rglob('*.parquet')}
-    runs = _runs(root)
+    runs = run_statuses(root)
     src = root/'build/ingest/flights.parquet' if name.endswith('.parquet') else root/'data/raw/flights.csv.zip'
     tmp = root/'data/raw'/('bad-' + name)
     write(src, tmp)
@@ -70,7 +64,7 @@ def test_corrupt_raw_inputs_fail_in_one_line_and_keep_products(built_copy, name,
     last = r.stderr.strip().splitlines()[-1]
     assert "task 'ingest' failed" in last and tmp.name in last and expected in last, last
     assert {p: p.read_bytes() for p in (root/'build').rglob('*.parquet')} == before
-    assert _runs(root) == runs
+    assert run_statuses(root) == runs
     assert metrics(root)['test']['n'] > 0
 
 
