@@ -477,8 +477,8 @@ def run_sweep(root: str | Path | None = None, overrides: dict | None = None, gri
         t_setup = time.perf_counter() - t0; failed = 0
         bar = tqdm(total=len(pl['configs']), initial=len(rows), desc=f"sweep {pl['sweep_id']}", unit='config',
                    disable=not progress, file=sys.stderr, smoothing=0, dynamic_ncols=True)
-        def post(): bar.set_postfix_str(f"done={len(rows)-failed} failed={failed} running={min(slots, len(pl['configs']) - len(rows))}")
-        post()
+        def post(refresh=False): bar.set_postfix_str(f"done={len(rows)-failed} failed={failed} running={min(slots, len(pl['configs']) - len(rows))}", refresh)
+        post(True)
         try:
             results = run_on_dask(tasks, client) if client else run_in_pool(tasks, pool if slots > 1 else None)
             for t, r in results:
@@ -487,7 +487,7 @@ def run_sweep(root: str | Path | None = None, overrides: dict | None = None, gri
                 if r['status'] == 'FINISHED': rows.append(_row(c, 'ran', run, seconds=r['seconds']))
                 else:
                     failed += 1; rows.append(_row(c, 'failed', run, r['error'], r['notebook'], r['seconds']))
-                bar.update(1); post()
+                post(); bar.update(1)
         except BaseException:
             bar.close()
             with contextlib.suppress(Exception): close_children(exp, parent, 'KILLED')
