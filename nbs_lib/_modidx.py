@@ -233,6 +233,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'nbs_lib.sweep.run_on_dask': ('sweep.html#run_on_dask', 'nbs_lib/sweep.py'),
                                'nbs_lib.sweep.run_sweep': ('sweep.html#run_sweep', 'nbs_lib/sweep.py'),
                                'nbs_lib.sweep.short_names': ('sweep.html#short_names', 'nbs_lib/sweep.py'),
+                               'nbs_lib.sweep.start_workers': ('sweep.html#start_workers', 'nbs_lib/sweep.py'),
                                'nbs_lib.sweep.summary': ('sweep.html#summary', 'nbs_lib/sweep.py'),
                                'nbs_lib.sweep.sweep_id': ('sweep.html#sweep_id', 'nbs_lib/sweep.py'),
                                'nbs_lib.sweep.warm_worker': ('sweep.html#warm_worker', 'nbs_lib/sweep.py')},

@@ -14,8 +14,9 @@ from .data import md5
 # %% auto #0
 __all__ = ['SWEEP_METRICS', 'ENGINES', 'TABLE_METRICS', 'TASKS', 'parse_values', 'parse_set', 'check_sweep', 'build_grid',
            'expand_grid', 'code_fingerprint', 'config_hash', 'sweep_id', 'execute_notebook', 'error_line', 'run_config',
-           'warm_worker', 'run_in_pool', 'dask_client', 'run_on_dask', 'open_parent', 'children', 'close_children',
-           'results_table', 'markdown_table', 'plan', 'make_task', 'run_sweep', 'short_names', 'summary', 'main']
+           'warm_worker', 'start_workers', 'run_in_pool', 'dask_client', 'run_on_dask', 'open_parent', 'children',
+           'close_children', 'results_table', 'markdown_table', 'plan', 'make_task', 'run_sweep', 'short_names',
+           'summary', 'main']
 
 # %% ../notebooks/lib/07_sweep.ipynb #0e38f316
 def parse_values(text: str) -> list:
@@ -252,23 +253,26 @@ def _crashed(task: dict, e: BaseException) -> dict:
     return {'config_id': task['config_id'], 'config_hash': task['config_hash'], 'status': 'FAILED', 'run_id': None,
             'error': f"the worker running it died ({error_line(e)})", 'notebook': None, 'timings': {}, 'seconds': None}
 
-def run_in_pool(tasks: list[dict], jobs: int):
-    "Yield (task, outcome) from `jobs` warm worker processes (in this process when jobs is 1)."
-    if jobs == 1:
+def start_workers(jobs: int, method: str = 'spawn'):
+    "A pool of `jobs` worker processes, started now; with 'fork' they inherit this process's imports, warmed first."
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    if method == 'fork': warm_worker()
+    ex = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context(method), initializer=warm_worker)
+    for _ in range(jobs): ex.submit(os.getpid)  # start every worker now
+    return ex
+
+def run_in_pool(tasks: list[dict], pool=None):
+    "Yield (task, outcome) from the workers of `pool` (a started ProcessPoolExecutor), or in this process without one."
+    if pool is None:
         for t in tasks: yield t, run_config(t)
         return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    ex = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context('spawn'), initializer=warm_worker)
-    try:
-        futures = {ex.submit(run_config, t): t for t in tasks}
-        for f in as_completed(futures):
-            try: r = f.result()
-            except Exception as e: r = _crashed(futures[f], e)
-            yield futures[f], r
-    except BaseException:
-        ex.shutdown(wait=False, cancel_futures=True); raise
-    ex.shutdown(wait=True)
+    from concurrent.futures import as_completed
+    futures = {pool.submit(run_config, t): t for t in tasks}
+    for f in as_completed(futures):
+        try: r = f.result()
+        except Exception as e: r = _crashed(futures[f], e)
+        yield futures[f], r
 
 def dask_client(address: str):
     "A client of the Dask scheduler at `address`, with a one-line UserError when it cannot be reached."
@@ -293,7 +297,7 @@ def run_on_dask(tasks: list[dict], client):
     except BaseException:
         client.cancel([f for f, _ in futures.values()]); raise
 
-# %% ../notebooks/lib/07_sweep.ipynb #a8397768
+# %% ../notebooks/lib/07_sweep.ipynb #aadfa23f
 def open_parent(p: dict, root: Path, sid: str, params: dict, inputs: dict) -> tuple[str, str, bool]:
     "(experiment id, parent run id, resumed): this project's parent run of sweep `sid`, reopened, else a new one."
     from mlflow.tracking import MlflowClient
@@ -320,7 +324,7 @@ def close_children(exp: str, parent_id: str, status: str = 'KILLED') -> list[str
     for rid in ids: finish_run(rid, status)
     return ids
 
-# %% ../notebooks/lib/07_sweep.ipynb #3981b136
+# %% ../notebooks/lib/07_sweep.ipynb #f3d90375
 TABLE_METRICS = ('test_roc_auc', 'test_log_loss', 'test_brier', 'test_accuracy', 'test_f1')
 
 def results_table(rows: list[dict], metric: str, greater_is_better: bool):
@@ -342,7 +346,7 @@ def markdown_table(df) -> str:
     lines += ['| ' + ' | '.join(_cell(v, c) for c, v in zip(cols, r)) + ' |' for r in df.itertuples(index=False)]
     return '\n'.join(lines)
 
-# %% ../notebooks/lib/07_sweep.ipynb #2bc24918
+# %% ../notebooks/lib/07_sweep.ipynb #3dd25c07
 TASKS = ('train', 'evaluate')
 
 def _task_sources(root: Path) -> dict:
@@ -412,7 +416,7 @@ def make_task(pl: dict, c: dict, root: Path, uri: str, exp: str, parent: str, th
             'run_name': _run_name(c['values'], c['config_id']), 'dir': str(c['dir']), 'notebooks': nbs,
             'run_file': c['product']['train']['run'], 'data_inputs': pl['data_inputs'], 'code': pl['code'], 'threads': threads}
 
-# %% ../notebooks/lib/07_sweep.ipynb #9c23af91
+# %% ../notebooks/lib/07_sweep.ipynb #64f22d50
 def _row(c: dict, status: str, run, error: str | None = None, notebook: str | None = None, seconds=None) -> dict:
     m = run.data.metrics if run is not None else {}
     if seconds is None and run is not None and run.info.end_time: seconds = (run.info.end_time - run.info.start_time)/1000
@@ -432,20 +436,26 @@ def _finish_parent(pl: dict, parent: str, table, s: dict, failed: int, status: s
     c.set_terminated(parent, status)
 
 def run_sweep(root: str | Path | None = None, overrides: dict | None = None, grid_file=None, jobs: int | None = None,
-              engine: str = 'ploomber-engine', scheduler: str | None = None, progress: bool = True) -> dict:
+              engine: str = 'ploomber-engine', scheduler: str | None = None, progress: bool = True,
+              start_method: str = 'spawn') -> dict:
     "Run the sweep of params.yaml (with overrides) in `root`; returns its id, parent run, table and timings."
+    t0 = time.perf_counter()
     from tqdm.auto import tqdm
     from mlflow.tracking import MlflowClient
     from nbs_lib import tracking as trk
     from nbs_lib.cli import offline_env
-    t0 = time.perf_counter(); offline_env()
+    offline_env()
     root = Path(root or project_root()).resolve()
     p = check_params(load_params(root/'params.yaml')); s = check_sweep(p.get('sweep'))
     if engine not in ENGINES: raise UserError(f"--engine must be one of {list(ENGINES)}, got {engine!r}")
     if jobs is not None and jobs < 1: raise UserError(f"--jobs must be >= 1, got {jobs}")
     pl = plan(root, p, build_grid(p, overrides, grid_file), engine)
-    lock = _lock(pl['folder']); client = None
+    n_workers = min(jobs or os.cpu_count() or 1, len(pl['configs']))
+    fork = start_method == 'fork' and not scheduler and n_workers > 1
+    pool = start_workers(n_workers, 'fork') if fork else None  # before this process holds a lock or an MLflow connection
+    lock = client = None; ok = False
     try:
+        lock = _lock(pl['folder'])
         client = dask_client(scheduler) if scheduler else None
         uri = trk.tracking_uri(p, root)
         sweep_params = {'sweep': {'grid': pl['grid'], 'metric': s['metric'], 'n_configs': len(pl['configs'])}}
@@ -454,7 +464,9 @@ def run_sweep(root: str | Path | None = None, overrides: dict | None = None, gri
         done = {}
         for r in children(exp, parent, 'FINISHED'): done.setdefault(r.data.tags.get('nbs.config_hash'), r)
         todo = [c for c in pl['configs'] if c['config_hash'] not in done]
-        slots = sum(client.nthreads().values()) if client else min(jobs or os.cpu_count() or 1, max(len(todo), 1))
+        slots = sum(client.nthreads().values()) if client else min(n_workers, max(len(todo), 1))
+        if not client and pool is None and slots > 1: pool = start_workers(slots, start_method)
+        elif not client and todo and slots == 1: warm_worker()  # they run here: import what they use now
         where = (f"Dask scheduler {scheduler} ({len(client.nthreads())} workers, {slots} threads)" if client
                  else 'this process' if slots == 1 else f"{slots} worker processes")
         threads = None if client else max(1, (os.cpu_count() or 1)//slots)
@@ -465,17 +477,17 @@ def run_sweep(root: str | Path | None = None, overrides: dict | None = None, gri
         t_setup = time.perf_counter() - t0; failed = 0
         bar = tqdm(total=len(pl['configs']), initial=len(rows), desc=f"sweep {pl['sweep_id']}", unit='config',
                    disable=not progress, file=sys.stderr, smoothing=0, dynamic_ncols=True)
-        def post(): bar.set_postfix_str(f"done={len(rows)-failed} failed={failed} running={min(slots, len(pl['configs']) - len(rows))}")
-        post()
+        def post(refresh=False): bar.set_postfix_str(f"done={len(rows)-failed} failed={failed} running={min(slots, len(pl['configs']) - len(rows))}", refresh)
+        post(True)
         try:
-            results = run_on_dask(tasks, client) if client else run_in_pool(tasks, slots)
+            results = run_on_dask(tasks, client) if client else run_in_pool(tasks, pool if slots > 1 else None)
             for t, r in results:
                 c = by_id[t['config_id']]
                 run = MlflowClient().get_run(r['run_id']) if r['run_id'] else None
                 if r['status'] == 'FINISHED': rows.append(_row(c, 'ran', run, seconds=r['seconds']))
                 else:
                     failed += 1; rows.append(_row(c, 'failed', run, r['error'], r['notebook'], r['seconds']))
-                bar.update(1); post()
+                post(); bar.update(1)
         except BaseException:
             bar.close()
             with contextlib.suppress(Exception): close_children(exp, parent, 'KILLED')
@@ -484,15 +496,16 @@ def run_sweep(root: str | Path | None = None, overrides: dict | None = None, gri
         bar.close()
         close_children(exp, parent, 'FAILED')  # runs of workers that died
         table = results_table(rows, s['metric'], s['greater_is_better'])
-        _finish_parent(pl, parent, table, s, failed, 'FAILED' if failed else 'FINISHED')
+        _finish_parent(pl, parent, table, s, failed, 'FAILED' if failed else 'FINISHED'); ok = True
     finally:
-        lock.close()
+        if pool: pool.shutdown(wait=ok, cancel_futures=True)
         if client: client.close()
+        if lock: lock.close()
     return {'sweep_id': pl['sweep_id'], 'parent_run_id': parent, 'experiment_id': exp, 'resumed': resumed,
             'table': table, 'folder': pl['folder'], 'n_ran': len(tasks), 'n_cached': n_cached, 'n_failed': failed,
             'metric': s['metric'], 'where': where, 'root': root, 'seconds': {'setup': t_setup, 'total': time.perf_counter() - t0}}
 
-# %% ../notebooks/lib/07_sweep.ipynb #06e5935f
+# %% ../notebooks/lib/07_sweep.ipynb #7e4869dd
 def short_names(cols) -> dict:
     "Dotted column names shortened to their last part where that stays unique."
     last = [str(c).split('.')[-1] for c in cols]
@@ -505,7 +518,8 @@ def summary(res: dict) -> str:
     rel = lambda f: os.path.relpath(f, res['root'])
     lines = [markdown_table(show), '',
              f"sweep {res['sweep_id']}: {len(t)} configurations, {res['n_ran']} ran on {res['where']}, {res['n_cached']} cached "
-             f"(finished earlier), {res['n_failed']} failed, in {res['seconds']['total']:.1f}s; results in {rel(res['folder'])}/results.md",
+             f"(finished earlier), {res['n_failed']} failed, in {res['seconds']['total']:.1f}s ({res['seconds']['setup']:.1f}s of it set-up); "
+             f"results in {rel(res['folder'])}/results.md",
              f"MLflow parent run: {res['parent_run_id']} (experiment {res['experiment_id']})"]
     if len(t) and t.iloc[0]['status'] != 'failed':
         lines.append(f"best: {t.iloc[0]['config_id']} {m}={t.iloc[0][m]:.4f} run {t.iloc[0]['run_id']}")
@@ -525,8 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--scheduler', metavar='tcp://HOST:PORT', help='run on this Dask distributed scheduler instead of local processes')
     ap.add_argument('--no-progress', action='store_true', help='no progress bar')
     a = ap.parse_args(argv)
+    method = 'fork' if sys.platform.startswith('linux') else 'spawn'  # this process has run no model code: safe to fork
     try: res = run_sweep(overrides=parse_set(a.set), grid_file=a.grid, jobs=a.jobs, engine=a.engine,
-                         scheduler=a.scheduler, progress=not a.no_progress)
+                         scheduler=a.scheduler, progress=not a.no_progress, start_method=method)
     except KeyboardInterrupt:
         print('interrupted: re-run the same command to resume (finished configurations are skipped)', file=sys.stderr); return 130
     print(summary(res))
