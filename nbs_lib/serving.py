@@ -19,9 +19,9 @@ from .features import INPUT_COLUMNS, WEATHER_COLUMNS
 __all__ = ['FIELDS', 'DTYPES', 'LOG_COLUMNS', 'ALIASES', 'KEY_METRICS', 'ENGINES', 'serve_params', 'FieldSpec', 'check_fields',
            'FlightBase', 'flight_model', 'request_type', 'check_frame', 'records_frame', 'fitted_categories', 'Scorer',
            'log_schema', 'log_frame', 'PredictionLog', 'read_prediction_log', 'bento_model_name', 'bentoml_home',
-           'resolve_alias', 'import_alias', 'ServiceConfig', 'service_config', 'Prediction', 'Runtime', 'start_server',
-           'wait_ready', 'free_port', 'json_records', 'stop_server', 'container_engine', 'build_bento', 'dockerfile',
-           'main']
+           'resolve_alias', 'import_alias', 'ServiceConfig', 'service_config', 'Prediction', 'Runtime',
+           'MultipartCheck', 'start_server', 'wait_ready', 'free_port', 'json_records', 'stop_server',
+           'container_engine', 'build_bento', 'dockerfile', 'main']
 
 # %% ../notebooks/lib/10_serving.ipynb #714ec471
 def serve_params(p: dict) -> dict:
@@ -468,6 +468,44 @@ class Runtime:
         "Finish shadow work and write the buffered log."
         if self._shadow is not None: self._shadow.shutdown(wait=True)
         self.log.close()
+
+# %% ../notebooks/lib/10_serving.ipynb #b0e676d5
+class MultipartCheck:
+    "ASGI middleware: a multipart request whose body does not parse gets a 400 naming the reason, before BentoML sees it."
+    chunk = 1 << 16
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        ctype = dict(scope.get('headers', ())).get(b'content-type', b'').lower() if scope['type'] == 'http' else b''
+        if not ctype.startswith(b'multipart/'): return await self.app(scope, receive, send)
+        import tempfile
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+        with tempfile.SpooledTemporaryFile(max_size=1 << 20) as body:
+            more = True
+            while more:
+                msg = await receive()
+                if msg['type'] == 'http.disconnect': return
+                body.write(msg.get('body', b'')); more = msg.get('more_body', False)
+
+            def replay(then=None):
+                body.seek(0); done = False
+                async def rcv():
+                    nonlocal done
+                    if done: return await then() if then else {'type': 'http.disconnect'}
+                    data = body.read(self.chunk); done = len(data) < self.chunk
+                    return {'type': 'http.request', 'body': data, 'more_body': not done}
+                return rcv
+            error = None
+            if b'boundary=' not in ctype: error = 'multipart Content-Type without a boundary'
+            else:
+                try: await (await Request(scope, replay()).form()).close()
+                except Exception as e: error = f'malformed multipart body: {getattr(e, "message", None) or getattr(e, "detail", None) or e}'
+            if error: return await JSONResponse({'error': error}, status_code=400)(scope, receive, send)
+            await self.app(scope, replay(receive), send)
+
 
 # %% ../notebooks/lib/10_serving.ipynb #08436392
 def start_server(root: str | Path, port: int, env: dict | None = None, log: str | Path | None = None,
