@@ -7,14 +7,16 @@ API (as tests/test_serving.py does), imported into a project-local BentoML store
 127.0.0.1 with the project's own serve: parameters. This process is the client:
 1. load: --concurrency async clients post single-row and small-batch (2 to 10 rows) /predict requests for --seconds
    (at most --max-requests in all); every non-2xx answer or exception is an error. Latency p50/p99, and the RSS of
-   the server's process tree (psutil) after warm-up and at the end.
+   the server's process tree (psutil) after warm-up, each second of the load and at the end: growth over the second
+   half of the load above --max-growth (5%) is a failure, memory that keeps climbing being a leak.
 2. fuzz: `st run` (schemathesis) generates requests from the service's own OpenAPI schema (/docs.json) for
    /predict and /predict_file, --fuzz-examples per operation and phase, repeated for --fuzz-seconds; requests and 5xx are counted from the
    server's own Prometheus /metrics, so nothing the fuzzer sent escapes the count. The server must still be ready.
-Prints a table, writes bench/results-stress.md; exits 1 on any load error, any 5xx, or a server that is not up.
+Prints a table, writes bench/results-stress.md; exits 1 on any load error, any 5xx, unbounded memory growth, or a server
+that is not up.
 """
 from __future__ import annotations
-import argparse, asyncio, json, os, platform, random, re, subprocess, sys, tempfile, time
+import argparse, asyncio, json, os, platform, random, re, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -112,6 +114,7 @@ def main() -> int:
     ap.add_argument('--fuzz-seconds', type=float, default=60, help='time budget of the fuzzing (st run --max-time): it repeats until spent')
     ap.add_argument('--frac', type=float, default=0.03, help='sample of the data the model is trained on')
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--max-growth', type=float, default=0.05, help='bound on RSS growth over the second half of the load, a fraction')
     ap.add_argument('--out', default=str(HERE/'results-stress.md'))
     a = ap.parse_args()
     import pandas as pd
@@ -136,8 +139,15 @@ def main() -> int:
         import httpx
         for i in range(20): httpx.post(f'{url}/predict', json={'flights': recs[i:i + 5]}, timeout=60).raise_for_status()
         rss0 = tree_rss(proc.pid)
+        samples: list[tuple[float, int]] = []; stop = threading.Event(); t_load = time.monotonic()
+        def sample() -> None:  # the server's RSS each second of the load: growth must level off, not climb to the end
+            while not stop.wait(1.0): samples.append((time.monotonic() - t_load, tree_rss(proc.pid)))
+        sampler = threading.Thread(target=sample, daemon=True); sampler.start()
         res = asyncio.run(load(url, recs, a.seconds, a.concurrency, a.max_requests, a.seed))
+        stop.set(); sampler.join()
         rss1 = tree_rss(proc.pid)
+        half = [r for t, r in samples if t <= a.seconds / 2] or [rss0]
+        rss_half, rss_peak = half[-1], max([r for _, r in samples] + [rss1])
         row(f'load: /predict requests ({a.seconds:g} s, concurrency {a.concurrency}, 1 to 10 rows)', f"{res['requests']:,}")
         row('load: errors (non-2xx or exception)', str(len(res['errors'])))
         row('load: throughput', f"{res['rps']:,.1f} req/s")
@@ -146,6 +156,10 @@ def main() -> int:
         row('server RSS (process tree) after warm-up', f'{rss0 / 2**20:,.1f} MiB')
         row('server RSS (process tree) after the load', f'{rss1 / 2**20:,.1f} MiB')
         row('server RSS growth', f'{(rss1 - rss0) / 2**20:+,.1f} MiB ({(rss1 - rss0) / rss0:+.1%})')
+        row(f'server RSS growth over the second half of the load (from {rss_half / 2**20:,.1f} MiB at {a.seconds / 2:g} s)',
+            f'{(rss1 - rss_half) / 2**20:+,.1f} MiB ({(rss1 - rss_half) / rss_half:+.1%}); peak {rss_peak / 2**20:,.1f} MiB')
+        if rss1 - rss_half > a.max_growth * rss_half:
+            failed.append(f'server RSS still growing: {(rss1 - rss_half) / rss_half:+.1%} over the second half of the load (bound --max-growth {a.max_growth:.0%})')
         if res['errors']: failed.append(f"{len(res['errors'])} load errors, first: {res['errors'][:3]}")
         if a.fuzz_examples:
             t0 = time.monotonic()

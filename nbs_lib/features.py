@@ -5,12 +5,14 @@ features that run *inside* the model so training and serving share one code path
 
 # %% ../notebooks/lib/02_features.ipynb #216f4321
 from __future__ import annotations
+import numpy as np
 import pandas as pd
 from .config import DataError
 
+
 # %% auto #0
 __all__ = ['TARGET', 'FLIGHT_COLUMNS', 'WEATHER_COLUMNS', 'INPUT_COLUMNS', 'DERIVED_COLUMNS', 'make_table', 'time_split',
-           'derive_time_features']
+           'day_of_week', 'time_features', 'derive_time_features']
 
 # %% ../notebooks/lib/02_features.ipynb #03c49507
 TARGET = 'late'
@@ -46,11 +48,25 @@ def time_split(table: pd.DataFrame, train_months: list[int], test_months: list[i
 # %% ../notebooks/lib/02_features.ipynb #c0794217
 DERIVED_COLUMNS = ['dep_hour', 'arr_hour', 'day_of_week']
 
+def day_of_week(year, month, day) -> np.ndarray:
+    "Day of week (Monday 0) as float64; NaN where the date does not exist or is missing (years 1-9999)."
+    y, m, d = (np.asarray(v, dtype='float64') for v in (year, month, day))
+    ok = ((y >= 1) & (y <= 9999) & (m >= 1) & (m <= 12) & (d >= 1) & (d <= 31)
+          & (y == np.floor(y)) & (m == np.floor(m)) & (d == np.floor(d)))  # False for NaN too
+    months = (np.where(ok, y, 1970).astype('int64') - 1970) * 12 + np.where(ok, m, 1).astype('int64') - 1
+    days = months.astype('M8[M]').astype('M8[D]').astype('int64') + np.where(ok, d, 1).astype('int64') - 1
+    ok &= days.astype('M8[D]').astype('M8[M]').astype('int64') == months  # 31 June, 30 February: past the month's end
+    return np.where(ok, (days + 3) % 7, np.nan)  # 1970-01-01 was a Thursday (3)
+
+def time_features(X) -> dict[str, np.ndarray]:
+    "The derived columns of `X` (a frame, or a dict of arrays) as float64 arrays: scheduled departure and arrival hour, day of week."
+    return {'dep_hour': np.asarray(X['sched_dep_time'], dtype='float64') // 100,
+            'arr_hour': np.asarray(X['sched_arr_time'], dtype='float64') // 100,
+            'day_of_week': day_of_week(X['year'], X['month'], X['day'])}
+
 def derive_time_features(X: pd.DataFrame) -> pd.DataFrame:
     "Add scheduled departure/arrival hour and day of week; drop year, month, day and the raw hhmm times."
-    X = X.copy()
-    X['dep_hour'] = (X['sched_dep_time'] // 100).astype('float64')
-    X['arr_hour'] = (X['sched_arr_time'] // 100).astype('float64')
-    dates = pd.to_datetime(dict(year=X['year'], month=X['month'], day=X['day']), errors='coerce')
-    X['day_of_week'] = dates.dt.dayofweek.astype('float64')
-    return X.drop(columns=['year', 'month', 'day', 'sched_dep_time', 'sched_arr_time'])
+    out = X.drop(columns=['year', 'month', 'day', 'sched_dep_time', 'sched_arr_time'])
+    for c, v in time_features(X).items(): out[c] = v
+    return out
+

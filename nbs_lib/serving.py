@@ -13,15 +13,15 @@ import numpy as np
 import pandas as pd
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
 from .config import DataError, ParamsError, UserError, get, load_params, project_root
-from .features import INPUT_COLUMNS, WEATHER_COLUMNS
+from .features import INPUT_COLUMNS, WEATHER_COLUMNS, derive_time_features, time_features
 
 # %% auto #0
 __all__ = ['FIELDS', 'DTYPES', 'LOG_COLUMNS', 'ALIASES', 'KEY_METRICS', 'ENGINES', 'serve_params', 'FieldSpec', 'check_fields',
-           'FlightBase', 'flight_model', 'request_type', 'check_frame', 'records_frame', 'fitted_categories', 'Scorer',
-           'log_schema', 'log_frame', 'PredictionLog', 'read_prediction_log', 'bento_model_name', 'bentoml_home',
-           'resolve_alias', 'import_alias', 'ServiceConfig', 'service_config', 'Prediction', 'Runtime',
-           'MultipartCheck', 'start_server', 'wait_ready', 'free_port', 'json_records', 'stop_server',
-           'container_engine', 'build_bento', 'dockerfile', 'main']
+           'FlightBase', 'flight_model', 'request_type', 'check_frame', 'records_frame', 'fitted_categories',
+           'compile_pipeline', 'Scorer', 'log_schema', 'log_frame', 'PredictionLog', 'read_prediction_log',
+           'bento_model_name', 'bentoml_home', 'resolve_alias', 'import_alias', 'ServiceConfig', 'service_config',
+           'Prediction', 'Runtime', 'MultipartCheck', 'start_server', 'wait_ready', 'free_port', 'json_records',
+           'stop_server', 'container_engine', 'build_bento', 'dockerfile', 'main']
 
 # %% ../notebooks/lib/10_serving.ipynb #714ec471
 def serve_params(p: dict) -> dict:
@@ -193,6 +193,40 @@ def fitted_categories(model) -> dict[str, list[str]]:
             for c, cats in zip(cols, enc.categories_): out[c] = [str(x) for x in cats if isinstance(x, str)]
     return out
 
+def compile_pipeline(model):
+    "`X -> probability` on numpy arrays for a pipeline of make_model's shape with ordinal categories, else None."
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer, OrdinalEncoder
+    if not isinstance(model, Pipeline) or [n for n, _ in model.steps] != ['time', 'prep', 'model']: return None
+    time_step, prep, est = (s for _, s in model.steps)
+    if not (isinstance(time_step, FunctionTransformer) and time_step.func is derive_time_features and not time_step.kw_args): return None
+    if getattr(est, 'feature_names_in_', None) is not None or getattr(prep, 'sparse_output_', True): return None
+    nan = lambda v: isinstance(v, float) and np.isnan(v)
+    blocks, width = [], 0  # (first output column, input columns, category indexes or None for pass-through)
+    for name, tr, cols in prep.transformers_:
+        if isinstance(tr, str) and tr == 'drop': continue
+        if isinstance(tr, OrdinalEncoder):
+            if not (tr.handle_unknown == 'use_encoded_value' and nan(tr.unknown_value) and nan(tr.encoded_missing_value)
+                    and tr.min_frequency is None and tr.max_categories is None and np.dtype(tr.dtype) == np.float64): return None
+            if any(not isinstance(x, str) and not nan(x) for cats in tr.categories_ for x in cats): return None
+            blocks.append((width, list(cols), [pd.Index([x for x in cats if isinstance(x, str)], dtype=object) for cats in tr.categories_]))
+        elif (isinstance(tr, str) and tr == 'passthrough') or (isinstance(tr, FunctionTransformer) and tr.func is None):
+            blocks.append((width, list(cols), None))
+        else: return None
+        width += len(cols)
+
+    def probability(X: pd.DataFrame) -> np.ndarray:
+        derived = time_features(X)
+        Z = np.empty((len(X), width))
+        for start, cols, index in blocks:
+            for k, col in enumerate(cols):
+                if index is None: Z[:, start + k] = derived[col] if col in derived else X[col].to_numpy(dtype='float64', na_value=np.nan)
+                else:
+                    code = index[k].get_indexer(X[col].to_numpy(dtype=object))
+                    Z[:, start + k] = np.where(code >= 0, code, np.nan)  # unknown or missing: NaN, as the encoder
+        return est.predict_proba(Z)[:, 1]
+    return probability
+
 class Scorer:
     "A loaded model version: probability, decision at `threshold`, unknown categories of each row of a frame."
     def __init__(self, model, version: str, threshold: float, categories: dict | None = None):
@@ -201,10 +235,21 @@ class Scorer:
         self.model, self.version, self.threshold = model, str(version), float(threshold)
         self.categories = categories if categories is not None else fitted_categories(model)
         self._known = {c: set(v) for c, v in self.categories.items() if v}
+        self.fast = compile_pipeline(model)
 
     def probability(self, X: pd.DataFrame) -> np.ndarray:
-        "Probability of a late arrival for each row."
-        return self.model.predict_proba(X[INPUT_COLUMNS])[:, 1]
+        "Probability of a late arrival for each row (by the compiled pipeline when there is one)."
+        return self.fast(X) if self.fast is not None else self.model.predict_proba(X[INPUT_COLUMNS])[:, 1]
+
+    def check_fast(self, X: pd.DataFrame) -> bool:
+        "Whether the compiled pipeline gives the pipeline's own probabilities on `X`; if not, stop using it (and log why)."
+        if self.fast is None: return False
+        want, got = self.model.predict_proba(X[INPUT_COLUMNS])[:, 1], self.fast(X)
+        if not np.array_equal(want, got):
+            logging.getLogger(__name__).warning('model version %s: the compiled pipeline differs by %g; scoring with the pipeline',
+                                                self.version, float(np.nanmax(np.abs(want - got))))
+            self.fast = None
+        return self.fast is not None
 
     def unknown(self, X: pd.DataFrame) -> list[list[str]]:
         "For each row, the categorical columns whose value the model did not see in training."
@@ -420,9 +465,11 @@ class Runtime:
         self.champion = _load(cfg.champion, s['threshold'])
         self.challenger = _load(cfg.challenger, s['threshold']) if cfg.challenger is not None else None
         self.log = PredictionLog(cfg.root/s['prediction_log'], s['log_flush_rows'], s['log_flush_seconds'])
-        if cfg.example:  # warm up: the first call on a fresh model is slow, and must not count against a request
+        if cfg.example:  # warm up (the first call on a fresh model is slow, and must not count against a request), and
+            # check the compiled pipeline against the model's own on the example, an unknown category and missing weather
+            X = records_frame([cfg.example, {**cfg.example, 'carrier': '?', 'temp': None, 'wind_gust': None}])
             for m in (self.champion, self.challenger):
-                if m is not None: m.probability(records_frame([cfg.example]))
+                if m is not None: m.check_fast(X); m.probability(X)
         self._shadow = None
         if self.challenger is not None:
             from concurrent.futures import ThreadPoolExecutor
@@ -469,7 +516,7 @@ class Runtime:
         if self._shadow is not None: self._shadow.shutdown(wait=True)
         self.log.close()
 
-# %% ../notebooks/lib/10_serving.ipynb #b0e676d5
+# %% ../notebooks/lib/10_serving.ipynb #d861fba8
 class MultipartCheck:
     "ASGI middleware: a multipart request whose body does not parse gets a 400 naming the reason, before BentoML sees it."
     chunk = 1 << 16

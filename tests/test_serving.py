@@ -96,6 +96,8 @@ def test_predictions_over_http_equal_the_mlflow_champion_in_process(served):
     got = [p for i in range(0, len(recs), MAX_BATCH) for p in _predict(c, recs[i:i + MAX_BATCH])]
     assert len(got) == len(X)
     assert np.max(np.abs(np.array([g['probability'] for g in got]) - expected)) <= 1e-9
+    singles = [_predict(c, [r])[0]['probability'] for r in recs[:12]]  # one flight a request, the latency path
+    assert np.max(np.abs(np.array(singles) - expected[:12])) <= 1e-9
     th = yaml.safe_load((root/'params.yaml').read_text())['evaluate']['threshold']
     assert [g['decision'] for g in got] == list(expected >= th) and {g['model_version'] for g in got} == {'1'}
     # the file path: parquet in, parquet out; CSV in, CSV out; the same numbers
