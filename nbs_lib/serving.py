@@ -235,6 +235,7 @@ class Scorer:
         self.model, self.version, self.threshold = model, str(version), float(threshold)
         self.categories = categories if categories is not None else fitted_categories(model)
         self._known = {c: set(v) for c, v in self.categories.items() if v}
+        self._index = {c: pd.Index(sorted(v), dtype=object) for c, v in self._known.items()}
         self.fast = compile_pipeline(model)
 
     def probability(self, X: pd.DataFrame) -> np.ndarray:
@@ -253,10 +254,10 @@ class Scorer:
 
     def unknown(self, X: pd.DataFrame) -> list[list[str]]:
         "For each row, the categorical columns whose value the model did not see in training."
-        if len(X) <= 32:  # a few rows (the common request): set lookups beat pandas' isin
+        if len(X) <= 32:  # a few rows (the common request): set lookups beat an index
             cols = {c: X[c].tolist() for c in self._known}
             return [[c for c, k in self._known.items() if cols[c][i] not in k] for i in range(len(X))]
-        flags = {c: ~X[c].isin(k).to_numpy() for c, k in self._known.items()}
+        flags = {c: k.get_indexer(X[c].to_numpy(dtype=object)) < 0 for c, k in self._index.items()}
         if not any(f.any() for f in flags.values()): return [[] for _ in range(len(X))]
         return [[c for c, f in flags.items() if f[i]] for i in range(len(X))]
 
@@ -495,8 +496,9 @@ class Runtime:
         received = [r._received or time.time() for r in records]
         p = self._score(X, rids, received); th = self.champion.threshold; v = self.champion.version
         unknown = self.champion.unknown(X)
-        return [Prediction(probability=float(p[i]), decision=bool(p[i] >= th), model_version=v, request_id=rids[i],
-                           unknown_categories=unknown[i]) for i in range(len(X))]
+        # model_construct: every field is built here with its type, so pydantic's validation of each answer is skipped
+        return [Prediction.model_construct(probability=q, decision=q >= th, model_version=v, request_id=r, unknown_categories=u)
+                for q, r, u in zip(p.tolist(), rids, unknown)]
 
     def predict_file(self, path: Path, out_dir: str | Path) -> Path:
         "Score a parquet or CSV file; the scored rows (its columns + probability, decision, model_version) in the same format."
@@ -516,7 +518,7 @@ class Runtime:
         if self._shadow is not None: self._shadow.shutdown(wait=True)
         self.log.close()
 
-# %% ../notebooks/lib/10_serving.ipynb #d861fba8
+# %% ../notebooks/lib/10_serving.ipynb #8ff03929
 class MultipartCheck:
     "ASGI middleware: a multipart request whose body does not parse gets a 400 naming the reason, before BentoML sees it."
     chunk = 1 << 16
