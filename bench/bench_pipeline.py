@@ -117,7 +117,7 @@ TRACK = textwrap.dedent('''
 ''')
 
 # one task's work three ways: features (read 2 parquets, join, split, write 2 parquets). plain and engine both start
-# from the state `nbs build` forks its task processes from (nbs_lib.cli._warm_up, and the modules the task imports), so
+# from the state `nbs build` runs its tasks in (nbs_lib.cli._warm_up, and the modules the task imports), so
 # the difference is the notebook machinery alone; papermill's kernel pays its own imports, which is the point of it.
 TASK = textwrap.dedent('''
     import json, sys, time, tempfile, os
@@ -130,7 +130,7 @@ TASK = textwrap.dedent('''
     params = dict(upstream={'ingest': {'flights': str(root/'build/ingest/flights.parquet'), 'weather': str(root/'build/ingest/weather.parquet')}},
                   product={'nb': str(out/'f.ipynb'), 'train': str(out/'train.parquet'), 'test': str(out/'test.parquet')},
                   features=p['features'], split=p['split'])
-    if mode in ('plain', 'engine'):  # as in `nbs build`: heavy imports paid once before the task processes fork
+    if mode in ('plain', 'engine'):  # as in `nbs build`: heavy imports paid once before the tasks run
         from nbs_lib.cli import _warm_up
         _warm_up()
         from nbs_lib.config import check_stage
@@ -204,7 +204,7 @@ def main() -> None:
         median_of(lambda: timed([str(BIN/'papermill'), '-y', json.dumps(_task_params(root, tmp)), 'notebooks/tasks/02_features.ipynb',
                                  str(tmp/'x.ipynb')], root), a.repeats), t_plain, 'plain call')
 
-    # 2d. per-task overhead inside the real build: each task's wall time seen by `nbs build --force` (fork to result)
+    # 2d. per-task overhead inside the real build: each task's wall time in `nbs build --force`'s executor
     # against the run time of its notebook's cells (timestamps ploomber-engine writes into the executed notebook)
     profiles = []
     for _ in range(a.repeats):
@@ -213,7 +213,7 @@ def main() -> None:
         if r.returncode: raise SystemExit(f"profile_build.py failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
         profiles.append(json.loads(r.stdout.strip().splitlines()[-1]))
     prof = min(profiles, key=lambda q: q['total'])  # the breakdown shown below the table: the fastest build
-    walls = [statistics.mean(t['task: parent wall (fork..result)'] for t in q['tasks'].values()) for q in profiles]
+    walls = [statistics.mean(t['task: wall in the executor'] for t in q['tasks'].values()) for q in profiles]
     cells = [statistics.mean(t['notebook cells (the work itself)'] for t in q['tasks'].values()) for q in profiles]
     row('2d. task inside `nbs build --force` (mean of 5 tasks)', statistics.median(walls), statistics.median(cells),
         'its notebook cells', goal='<= 0.5 s over')
@@ -247,9 +247,9 @@ def main() -> None:
     table = head + ''.join('| ' + ' | '.join(r) + ' |\n' for r in rows)
     note = (f"\nMedians of {a.repeats} runs, measured together by `python bench/bench_pipeline.py --repeats {a.repeats}"
             f"{' --full' if a.full else ''}` on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.\n")
-    note += ("\n2a and the plain call both start warm, as `nbs build` forks its tasks (nbs_lib.cli._warm_up, then the task's "
+    note += ("\n2a and the plain call both start warm, as `nbs build` runs its tasks (nbs_lib.cli._warm_up, then the task's "
              "modules imported); 2a is notebook execution alone (no HTML export). 2b/2c start a kernel, which pays its own imports. "
-             "2d is the real build: per task, the wall time from fork to result against its notebook's cells; where the rest "
+             "2d is the real build: per task, its wall time in Ploomber's executor against its notebook's cells (not counted: the IPython shell each task leaves behind, whose atexit the process pays at exit); where the rest "
              "goes (`python bench/profile_build.py PROJECT`, fastest of the repeats, seconds):\n\n" + pb_markdown(prof) + '\n')
     print('\n' + table + note)
     Path(a.out).write_text('# Workflow overhead benchmarks\n\n' + table + note)

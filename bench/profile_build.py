@@ -3,11 +3,13 @@
     python bench/profile_build.py [--frac 0.03] [--cprofile DIR] [--json] [PROJECT]
 
 Runs `nbs_lib.cli.build(force=True)` in a project (default: a fresh copy on a sample, built once to warm the
-OS cache and create the MLflow store) with timers wrapped around the steps of the build, in the parent and in
-each forked task process, and prints per task: wall time seen by the parent (fork to result), the notebook's
-own cells (from the timestamps ploomber-engine writes in the executed notebook), and the rest split by step
-(notebook execution machinery, HTML export, on_finish hook, metadata). With --cprofile DIR, each task process
-and the parent also dump a cProfile (DIR/<task>.prof, DIR/parent.prof; read them with pstats).
+OS cache and create the MLflow store) with timers wrapped around the steps of the build, and prints per task: its
+wall time in Ploomber's executor, the notebook's own cells (from the timestamps ploomber-engine writes in the
+executed notebook), and the rest split by step (notebook execution machinery, HTML export, on_finish hook,
+metadata). Ploomber's Serial executor runs notebook tasks in the build's own process (it forks only for Python
+callables), so every task starts from the build's warm-up. Not counted: what the process pays at exit (IPython's
+atexit of each task's shell, interpreter teardown). With --cprofile DIR, each task and the whole build also dump a
+cProfile (DIR/<task>.prof, DIR/parent.prof; read them with pstats).
 """
 from __future__ import annotations
 import argparse, functools, json, os, sys, tempfile, time
@@ -15,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-LOG = None  # path of the JSON-lines log; every process (parent and forked tasks) appends to it
+LOG = None  # path of the JSON-lines log (appended to by every process, should a task run in one of its own)
 CURRENT = {'task': None}
 
 
@@ -43,15 +45,15 @@ def _instrument(cprofile_dir: str | None) -> None:
     _wrap(spec.DAGSpec, 'to_dag', 'parent: DAGSpec.to_dag')
     _wrap(dagmod.DAG, 'render', 'parent: DAG.render')
     _wrap(cli, 'fingerprint', 'parent: fingerprint')
-    # parent side of one task: fork a pool process, run, pickle the result back
+    # one task as the executor runs it (in this process for notebooks; Ploomber forks only for callables)
     orig_sub = serial.build_in_subprocess
     def build_in_subprocess(task, build_kwargs, reports_all):
         CURRENT['task'] = task.name
         t0 = time.perf_counter()
         try: return orig_sub(task, build_kwargs, reports_all)
-        finally: _record('task: parent wall (fork..result)', time.perf_counter() - t0); CURRENT['task'] = None
+        finally: _record('task: wall in the executor', time.perf_counter() - t0); CURRENT['task'] = None
     serial.build_in_subprocess = build_in_subprocess
-    # child side (the patches are inherited by the forked process)
+    # inside the task
     orig_build = tabc.Task._build
     def _build(self, *a, **k):
         CURRENT['task'] = self.name
@@ -61,15 +63,15 @@ def _instrument(cprofile_dir: str | None) -> None:
         t0 = time.perf_counter()
         try: return orig_build(self, *a, **k)
         finally:
-            _record('task: Task._build in the child', time.perf_counter() - t0)
+            _record('task: Task._build', time.perf_counter() - t0)
             if prof: prof.disable(); prof.dump_stats(str(Path(cprofile_dir)/f'{self.name}.prof'))
     tabc.Task._build = _build
-    _wrap(tnb.pe, 'execute_notebook', 'child: ploomber-engine execute_notebook')
-    _wrap(tnb.NotebookConverter, 'convert', 'child: HTML export (nbconvert)')
-    _wrap(tnb.NotebookRunner, 'run', 'child: NotebookRunner.run')
-    _wrap(tabc.Task, '_run_on_finish', 'child: on_finish hook')
-    _wrap(tabc.Task, '_post_run_actions', 'child: post-run (hook + metadata + product check)')
-    _wrap(meta.Metadata, 'update', 'child: metadata update/save')
+    _wrap(tnb.pe, 'execute_notebook', 'in task: ploomber-engine execute_notebook')
+    _wrap(tnb.NotebookConverter, 'convert', 'in task: HTML export (nbconvert)')
+    _wrap(tnb.NotebookRunner, 'run', 'in task: NotebookRunner.run')
+    _wrap(tabc.Task, '_run_on_finish', 'in task: on_finish hook')
+    _wrap(tabc.Task, '_post_run_actions', 'in task: post-run (hook + metadata + product check)')
+    _wrap(meta.Metadata, 'update', 'in task: metadata update/save')
 
 
 def cell_seconds(executed_nb: Path) -> float:
@@ -120,7 +122,7 @@ def main() -> None:
     res = {'total': total, 'parent': dict(by['(parent)']), 'tasks': {}}
     for n, nb in tasks:
         d = dict(by[n]); d['notebook cells (the work itself)'] = cell_seconds(nb)
-        d['overhead = parent wall - cells'] = d['task: parent wall (fork..result)'] - d['notebook cells (the work itself)']
+        d['overhead = task wall - cells'] = d['task: wall in the executor'] - d['notebook cells (the work itself)']
         res['tasks'][n] = d
     print(markdown(res))
     if a.json: print(json.dumps(res))
@@ -130,7 +132,7 @@ def markdown(res: dict) -> str:
     "The profile as a markdown table (seconds), one column per task."
     names = list(res['tasks'])
     labels = sorted({k for d in res['tasks'].values() for k in d})
-    labels = [k for k in labels if not k.startswith(('notebook', 'overhead'))] + ['notebook cells (the work itself)', 'overhead = parent wall - cells']
+    labels = [k for k in labels if not k.startswith(('notebook', 'overhead'))] + ['notebook cells (the work itself)', 'overhead = task wall - cells']
     out = ['| step (s) | ' + ' | '.join(names) + ' | mean |', '|---|' + '---|'*(len(names) + 1)]
     for k in labels:
         v = [res['tasks'][n].get(k, 0.0) for n in names]

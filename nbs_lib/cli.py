@@ -127,7 +127,7 @@ def _defer_rfc3987() -> None:
     sys.modules['rfc3987_syntax'] = stub
 
 def _warm_html_export() -> None:
-    "Export a tiny notebook to HTML once, so that every task process inherits nbconvert's loaded lexers, sanitizer and markdown parser."
+    "Export a tiny notebook to HTML once, so that each task's own export finds nbconvert's lexers, sanitizer and markdown parser loaded."
     import nbconvert, nbformat.v4 as v4
     nb = v4.new_notebook(cells=[v4.new_markdown_cell('# warm-up\n*text*'), v4.new_code_cell('x = 1\nx', execution_count=1, outputs=[
         v4.new_output('execute_result', {'text/plain': '1', 'text/html': '<b>1</b>'}, execution_count=1)])])
