@@ -115,10 +115,31 @@ def _fingerprint_file(root: Path) -> Path: return root/'build'/'.fingerprint'
 WARM_MODULES = ('pandas', 'pyarrow.parquet', 'sklearn.ensemble', 'sklearn.linear_model', 'matplotlib.pyplot',
                 'mlflow', 'mlflow.sklearn', 'skops.io', 'nbconvert', 'nbs_lib.tracking', 'nbs_lib.models', 'nbs_lib.metrics')
 
+def _defer_rfc3987() -> None:
+    "Have jsonschema (imported by nbformat) register its IRI checks without building rfc3987_syntax's parser (~1 s) now: it is built on first use."
+    import importlib.util, types
+    if 'jsonschema' in sys.modules or 'rfc3987_syntax' in sys.modules or importlib.util.find_spec('rfc3987_syntax') is None: return
+    def is_valid_syntax(term, value):
+        if sys.modules.get('rfc3987_syntax') is stub: del sys.modules['rfc3987_syntax']
+        import rfc3987_syntax
+        return rfc3987_syntax.is_valid_syntax(term, value)
+    stub = types.ModuleType('rfc3987_syntax'); stub.is_valid_syntax = is_valid_syntax
+    sys.modules['rfc3987_syntax'] = stub
+
+def _warm_html_export() -> None:
+    "Export a tiny notebook to HTML once, so that each task's own export finds nbconvert's lexers, sanitizer and markdown parser loaded."
+    import nbconvert, nbformat.v4 as v4
+    nb = v4.new_notebook(cells=[v4.new_markdown_cell('# warm-up\n*text*'), v4.new_code_cell('x = 1\nx', execution_count=1, outputs=[
+        v4.new_output('execute_result', {'text/plain': '1', 'text/html': '<b>1</b>'}, execution_count=1)])])
+    nb.metadata['language_info'] = {'name': 'python', 'pygments_lexer': 'ipython3'}
+    nbconvert.export(nbconvert.get_exporter('html'), nb)
+
 def _warm_up() -> None:
     import importlib, matplotlib
     matplotlib.use('Agg')
+    _defer_rfc3987()
     for m in WARM_MODULES: importlib.import_module(m)
+    _warm_html_export()
 
 def _invalidate_outdated(dag) -> None:
     from ploomber.constants import TaskStatus
