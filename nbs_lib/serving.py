@@ -518,7 +518,7 @@ class Runtime:
         if self._shadow is not None: self._shadow.shutdown(wait=True)
         self.log.close()
 
-# %% ../notebooks/lib/10_serving.ipynb #8ff03929
+# %% ../notebooks/lib/10_serving.ipynb #b0e676d5
 class MultipartCheck:
     "ASGI middleware: a multipart request whose body does not parse gets a 400 naming the reason, before BentoML sees it."
     chunk = 1 << 16
