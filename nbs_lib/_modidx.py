@@ -12,6 +12,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'nbs_lib.cli._warm_up': ('cli.html#_warm_up', 'nbs_lib/cli.py'),
                              'nbs_lib.cli.activate_env': ('cli.html#activate_env', 'nbs_lib/cli.py'),
                              'nbs_lib.cli.build': ('cli.html#build', 'nbs_lib/cli.py'),
+                             'nbs_lib.cli.check_all': ('cli.html#check_all', 'nbs_lib/cli.py'),
                              'nbs_lib.cli.failure_line': ('cli.html#failure_line', 'nbs_lib/cli.py'),
                              'nbs_lib.cli.fingerprint': ('cli.html#fingerprint', 'nbs_lib/cli.py'),
                              'nbs_lib.cli.main': ('cli.html#main', 'nbs_lib/cli.py'),

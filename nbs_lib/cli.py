@@ -7,11 +7,11 @@ reduced to one line that names the task and the cause."""
 from __future__ import annotations
 import argparse, json, os, re, sys, time
 from pathlib import Path
-from .config import UserError, check_params, load_params, project_root, tracking_uri
+from .config import FAMILIES, UserError, check_params, load_params, project_root, tracking_uri
 
 # %% auto #0
 __all__ = ['OFFLINE_ENV', 'WARM_MODULES', 'SUBCOMMANDS', 'offline_env', 'activate_env', 'notebook_error', 'failure_line',
-           'task_defaults', 'fingerprint', 'build', 'summary', 'main']
+           'task_defaults', 'fingerprint', 'build', 'summary', 'check_all', 'main']
 
 # %% ../notebooks/lib/06_cli.ipynb #5587d867
 OFFLINE_ENV = {'MLFLOW_DISABLE_TELEMETRY': 'true', 'BENTOML_DO_NOT_TRACK': 'true', 'DVC_NO_ANALYTICS': '1',
@@ -155,7 +155,9 @@ def build(force: bool = False, root: Path | None = None, quiet: bool = False) ->
     if not force and fp.exists() and fp.read_text() == fingerprint(root, params, tasks):
         return {t['name']: 'skipped' for t in tasks}
     from nbs_lib.models import model_from_params
+    from nbs_lib.monitor import monitor_settings
     model_from_params(params)  # hyperparameters are checked against the estimator before anything runs
+    monitor_settings(params.get('monitor'))  # and the last task's stage, so a typo there fails before the first task
     cwd = os.getcwd(); os.chdir(root)
     lock = _build_lock(root)
     try:
@@ -211,6 +213,19 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
     return importlib.import_module(SUBCOMMANDS[cmd][0]).main(argv) or 0
 
 # %% ../notebooks/lib/06_cli.ipynb #38380fc8
+def check_all(p: dict) -> dict:
+    "Every stage of params.yaml: the pipeline's (`config.check_params`, the model's hyperparameters), and those of the gate, sweeps, serving and monitoring."
+    from nbs_lib.gate import check_gate
+    from nbs_lib.models import model_from_params
+    from nbs_lib.monitor import monitor_settings
+    from nbs_lib.serving import serve_params
+    from nbs_lib.sweep import check_sweep
+    check_params(p)
+    for fam in p['train']['hyperparams']:  # every family's hyperparameters, not only the current one: sweeps switch family
+        if fam in FAMILIES: model_from_params({**p, 'train': {**p['train'], 'family': fam}})
+    model_from_params(p); check_gate(p); check_sweep(p.get('sweep')); serve_params(p); monitor_settings(p.get('monitor'))
+    return p
+
 def main(argv: list[str] | None = None) -> int:
     "The `nbs` command: `nbs build [--force]`, `nbs data`, `nbs check`, and the verbs of SUBCOMMANDS."
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -224,14 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest='cmd', required=True)
     b = sub.add_parser('build', help='check params.yaml and run the pipeline (only what changed)')
     b.add_argument('--force', action='store_true', help='re-run every task')
-    sub.add_parser('check', help='check params.yaml and exit')
+    sub.add_parser('check', help='check every stage of params.yaml and exit')
     d = sub.add_parser('data', help='put the raw data in data/raw (dvc pull, else regenerate from the package), checked against its .dvc md5')
     d.add_argument('--rehash', action='store_true', help='hash every file again, even those verified before')
     a = sub.add_parser('activate-env', help="add the project's environment variables to a venv's activate script")
     a.add_argument('script')
     args = ap.parse_args(argv)
     try:
-        if args.cmd == 'check': check_params(load_params()); print('params.yaml: ok')
+        if args.cmd == 'check': check_all(load_params()); print('params.yaml: ok')
         elif args.cmd == 'data':
             from nbs_lib.versioning import ensure_raw
             print(ensure_raw(check_params(load_params()), project_root(), rehash=args.rehash))

@@ -92,6 +92,7 @@ def _products(root: Path) -> dict:
     ({'split.test_months': [13]}, "'split.test_months' must be a non-empty list of months 1-12"),
     ({'data.sample_frac': 'half'}, "'data.sample_frac' must be a number"),
     ({'train.hyperparams.hist_gradient_boosting.learnin_rate': 0.1}, "'train.hyperparams.hist_gradient_boosting.learnin_rate' is not a HistGradientBoostingClassifier hyperparameter"),
+    ({'monitor.psi_threshold': 'high'}, "'monitor.psi_threshold' must be a number, got 'high'"),  # the last task's stage
 ])
 def test_bad_params_fail_in_one_line_and_keep_products(built_copy, updates, expected):
     root = built_copy
@@ -102,6 +103,22 @@ def test_bad_params_fail_in_one_line_and_keep_products(built_copy, updates, expe
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith('error: ') and expected in last, last
     assert _products(root) == before  # checked before any task ran: nothing touched
+
+
+@pytest.mark.parametrize('updates, expected', [
+    ({'monitor.p_value': 2}, "'monitor.p_value' must be <= 1.0, got 2"),
+    ({'serve.port': 0}, "'serve.port' must be >= 1, got 0"),
+    ({'gate.metric': 'accuracy'}, "'gate.metric' must be one of ['brier', 'log_loss', 'roc_auc'], got 'accuracy'"),
+    ({'sweep.grid': [1]}, "'sweep.grid' must be a mapping, got [1]"),
+    ({'train.hyperparams.random_forest.n_estimator': 10}, "'train.hyperparams.random_forest.n_estimator' is not a RandomForestClassifier hyperparameter"),
+])
+def test_nbs_check_validates_every_stage(tmp_path, updates, expected):
+    """`nbs check` checks the stages only other verbs read (gate, sweep, serve, monitor), not just the pipeline's."""
+    root = copy_project(tmp_path/'p', files=['params.yaml', 'pipeline.yaml'])
+    assert nbs(root, 'check').stdout.strip() == 'params.yaml: ok'
+    set_params(root, **updates)
+    r = nbs(root, 'check', check=False)
+    assert r.returncode == 2 and r.stderr.startswith('error: params.yaml: ') and expected in r.stderr, r.stderr
 
 
 def test_impossible_split_names_the_empty_side(fresh_project):
