@@ -27,7 +27,8 @@ help: ## list the commands
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
+	@# uv, pinned; a venv made by uv or `uv pip sync` has no pip: bootstrap it with ensurepip first
+	$(BIN)/python -m uv --version 2>/dev/null | grep -q "^uv $(UV_VERSION)[ (]" || { $(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip >/dev/null; $(BIN)/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"; }
 	$(BIN)/python -m uv pip install -q --compile-bytecode --python $(BIN)/python -r requirements.lock
 	$(BIN)/python -m uv pip install -q --python $(BIN)/python --no-deps -e .
 	$(BIN)/jupyter server extension disable --sys-prefix ploomber >/dev/null 2>&1 || true
