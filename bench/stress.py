@@ -158,6 +158,8 @@ def main() -> int:
         row('server RSS growth', f'{(rss1 - rss0) / 2**20:+,.1f} MiB ({(rss1 - rss0) / rss0:+.1%})')
         row(f'server RSS growth over the second half of the load (from {rss_half / 2**20:,.1f} MiB at {a.seconds / 2:g} s)',
             f'{(rss1 - rss_half) / 2**20:+,.1f} MiB ({(rss1 - rss_half) / rss_half:+.1%}); peak {rss_peak / 2**20:,.1f} MiB')
+        step = max(1, len(samples) // 12)
+        row('server RSS during the load (s: MiB)', ', '.join(f'{t:.0f}: {r / 2**20:,.0f}' for t, r in samples[step - 1::step]))
         if rss1 - rss_half > a.max_growth * rss_half:
             failed.append(f'server RSS still growing: {(rss1 - rss_half) / rss_half:+.1%} over the second half of the load (bound --max-growth {a.max_growth:.0%})')
         if res['errors']: failed.append(f"{len(res['errors'])} load errors, first: {res['errors'][:3]}")
