@@ -1,6 +1,6 @@
 """Stress of the BentoML service (issue 8): bounded load from a second process, then schema-driven fuzzing.
 
-    python bench/stress.py [--seconds 60] [--concurrency 32] [--fuzz-examples 1000] [--fuzz-seconds 60]    (or: make stress)
+    python bench/stress.py [--seconds 120] [--concurrency 32] [--fuzz-examples 1000] [--fuzz-seconds 60]    (or: make stress)
 
 A throw-away copy of the project is built on a sample, its model registered as the champion with the real MLflow
 API (as tests/test_serving.py does), imported into a project-local BentoML store and served by `bentoml serve` on
@@ -107,7 +107,7 @@ def fuzz(url: str, examples: int, seconds: float, seed: int, out: Path) -> tuple
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--seconds', type=float, default=60, help='duration of the load')
+    ap.add_argument('--seconds', type=float, default=120, help='duration of the load (the server warms up for about 90 s at concurrency 32)')
     ap.add_argument('--concurrency', type=int, default=32, help='concurrent clients of the load')
     ap.add_argument('--max-requests', type=int, default=200_000, help='bound on the load requests')
     ap.add_argument('--fuzz-examples', type=int, default=1000, help='schemathesis examples per operation and phase (0: no fuzzing)')
