@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 from .config import DataError
 
-
 # %% auto #0
 __all__ = ['TARGET', 'FLIGHT_COLUMNS', 'WEATHER_COLUMNS', 'INPUT_COLUMNS', 'DERIVED_COLUMNS', 'make_table', 'time_split',
            'day_of_week', 'time_features', 'derive_time_features']
@@ -69,4 +68,3 @@ def derive_time_features(X: pd.DataFrame) -> pd.DataFrame:
     out = X.drop(columns=['year', 'month', 'day', 'sched_dep_time', 'sched_arr_time'])
     for c, v in time_features(X).items(): out[c] = v
     return out
-

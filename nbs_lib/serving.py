@@ -555,7 +555,6 @@ class MultipartCheck:
             if error: return await JSONResponse({'error': error}, status_code=400)(scope, receive, send)
             await self.app(scope, replay(receive), send)
 
-
 # %% ../notebooks/lib/10_serving.ipynb #08436392
 def start_server(root: str | Path, port: int, env: dict | None = None, log: str | Path | None = None,
                  host: str = '127.0.0.1'):
