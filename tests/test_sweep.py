@@ -131,12 +131,13 @@ def test_an_interrupted_sweep_resumes(built_copy):
     args = [str(BIN/'nbs'), 'sweep', *LR, '--set', f"hyperparams.logistic_regression.C={','.join(map(str, values))}",
             '--jobs', '1', '--no-progress']
     c, exp = _store(root)
-    p = subprocess.Popen(args, cwd=root, env=env_for(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as at a terminal: a test run started in the background (`make test &`) has it ignored, and children inherit that
+    p = subprocess.Popen(args, cwd=root, env=env_for(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600
     while time.time() < deadline and p.poll() is None:
         time.sleep(0.1)  # catch the first finished configuration before the last one ends, even under load
-        # a configuration's evaluate notebook is written once it has finished (its MLflow run closed inside it):
-        # a stat per poll, where a query of the store per poll missed all 8 configurations in CI
+        # a configuration's evaluate notebook is written once it has finished (its MLflow run closed inside it)
         if any((root/'build/sweep').glob('*/*/notebooks/04_evaluate.ipynb')): break
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=300)
