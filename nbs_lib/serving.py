@@ -183,6 +183,10 @@ def records_frame(records: list) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 # %% ../notebooks/lib/10_serving.ipynb #fad3aa22
+def _strings(cats) -> pd.Index:
+    "An encoder's string categories in its order (the missing-value category left out): their positions are its codes."
+    return pd.Index([x for x in cats if isinstance(x, str)], dtype=object)
+
 def fitted_categories(model) -> dict[str, list[str]]:
     "Known values of each categorical input, read from the fitted model's encoder ({} when it has none)."
     try: ct = model.named_steps['prep']
@@ -190,7 +194,7 @@ def fitted_categories(model) -> dict[str, list[str]]:
     out = {}
     for name, enc, cols in getattr(ct, 'transformers_', []):
         if hasattr(enc, 'categories_'):
-            for c, cats in zip(cols, enc.categories_): out[c] = [str(x) for x in cats if isinstance(x, str)]
+            for c, cats in zip(cols, enc.categories_): out[c] = _strings(cats).tolist()
     return out
 
 def compile_pipeline(model):
@@ -209,7 +213,7 @@ def compile_pipeline(model):
             if not (tr.handle_unknown == 'use_encoded_value' and nan(tr.unknown_value) and nan(tr.encoded_missing_value)
                     and tr.min_frequency is None and tr.max_categories is None and np.dtype(tr.dtype) == np.float64): return None
             if any(not isinstance(x, str) and not nan(x) for cats in tr.categories_ for x in cats): return None
-            blocks.append((width, list(cols), [pd.Index([x for x in cats if isinstance(x, str)], dtype=object) for cats in tr.categories_]))
+            blocks.append((width, list(cols), [_strings(cats) for cats in tr.categories_]))
         elif (isinstance(tr, str) and tr == 'passthrough') or (isinstance(tr, FunctionTransformer) and tr.func is None):
             blocks.append((width, list(cols), None))
         else: return None
@@ -235,7 +239,7 @@ class Scorer:
         self.model, self.version, self.threshold = model, str(version), float(threshold)
         self.categories = categories if categories is not None else fitted_categories(model)
         self._known = {c: set(v) for c, v in self.categories.items() if v}
-        self._index = {c: pd.Index(sorted(v), dtype=object) for c, v in self._known.items()}
+        self._index = {c: _strings(v) for c, v in self.categories.items() if v}
         self.fast = compile_pipeline(model)
 
     def probability(self, X: pd.DataFrame) -> np.ndarray:
@@ -470,7 +474,7 @@ class Runtime:
             # check the compiled pipeline against the model's own on the example, an unknown category and missing weather
             X = records_frame([cfg.example, {**cfg.example, 'carrier': '?', 'temp': None, 'wind_gust': None}])
             for m in (self.champion, self.challenger):
-                if m is not None: m.check_fast(X); m.probability(X)
+                if m is not None and not m.check_fast(X): m.probability(X)  # check_fast scored it both ways already
         self._shadow = None
         if self.challenger is not None:
             from concurrent.futures import ThreadPoolExecutor
