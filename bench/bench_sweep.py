@@ -7,7 +7,7 @@ A project copy on the 3% sample is built once. Then, per repeat, for N configura
 varies `train.seed`, which the default model does not use without early stopping), each in a fresh process:
   plain      one Python process that execs the code cells of 03_train and 04_evaluate for each configuration, with
              the parameters the sweep injects: the same training code, no notebook machinery, no sweep
-  jobs 1     `nbs sweep --jobs 1`: ploomber-engine in the nbs process itself
+  jobs 1     `nbs sweep --jobs 1`: ploomber-engine in one worker process
   jobs 2     `nbs sweep --jobs 2`: two worker processes
   papermill  `nbs sweep --engine papermill --jobs 1`: a kernel per notebook (1 configuration, first repeat only)
   CLI        `papermill <notebook> out.ipynb -f params.yaml`, one process per notebook (the same, for reference)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     m = {k: statistics.median(v) for k, v in res.items()}
     f = lambda v: '' if v is None else f'{v:.2f}'
     rows = [('plain Python process: the notebooks\' code exec\'d, one process for all', m['plain'], m['plain']/n, None, m['plain_cfg'], None),
-            ('`nbs sweep --jobs 1` (ploomber-engine, in the nbs process)', m['jobs1'], m['jobs1']/n, (m['jobs1'] - m['plain'])/n,
+            ('`nbs sweep --jobs 1` (ploomber-engine, one worker process)', m['jobs1'], m['jobs1']/n, (m['jobs1'] - m['plain'])/n,
              m['jobs1_cfg'], m['jobs1_cfg'] - m['plain_cfg']),
             ('`nbs sweep --jobs 2` (2 forked worker processes)', m['jobs2'], m['jobs2']/n, (m['jobs2'] - m['plain'])/n, None, None),
             ('`nbs sweep --engine papermill --jobs 1` (1 configuration, once)', m['papermill'], m['papermill'],

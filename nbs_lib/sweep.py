@@ -5,7 +5,7 @@ or a Dask cluster), each configuration an MLflow child run of one sweep run; fin
 
 # %% ../notebooks/lib/07_sweep.ipynb #9b6ac116
 from __future__ import annotations
-import argparse, contextlib, copy, hashlib, io, itertools, json, math, os, re, shutil, socket, sys, time, warnings
+import argparse, contextlib, copy, hashlib, io, itertools, json, math, os, re, shutil, signal, socket, sys, threading, time, warnings
 from pathlib import Path
 import yaml
 from .config import FAMILIES, ParamsError, UserError, check_params, check_stage, get, load_params, project_root
@@ -14,9 +14,9 @@ from .data import md5
 # %% auto #0
 __all__ = ['SWEEP_METRICS', 'ENGINES', 'TABLE_METRICS', 'TASKS', 'parse_values', 'parse_set', 'check_sweep', 'build_grid',
            'expand_grid', 'code_fingerprint', 'config_hash', 'sweep_id', 'execute_notebook', 'error_line', 'run_config',
-           'warm_worker', 'start_workers', 'run_in_pool', 'dask_client', 'run_on_dask', 'open_parent', 'children',
-           'close_children', 'results_table', 'markdown_table', 'plan', 'make_task', 'run_sweep', 'short_names',
-           'summary', 'main']
+           'warm_worker', 'start_workers', 'stop_workers', 'run_in_pool', 'dask_client', 'run_on_dask', 'open_parent',
+           'children', 'close_children', 'results_table', 'markdown_table', 'plan', 'make_task', 'run_sweep',
+           'short_names', 'summary', 'main']
 
 # %% ../notebooks/lib/07_sweep.ipynb #0e38f316
 def parse_values(text: str) -> list:
@@ -253,26 +253,54 @@ def _crashed(task: dict, e: BaseException) -> dict:
     return {'config_id': task['config_id'], 'config_hash': task['config_hash'], 'status': 'FAILED', 'run_id': None,
             'error': f"the worker running it died ({error_line(e)})", 'notebook': None, 'timings': {}, 'seconds': None}
 
+class _Stop:
+    "While in use, Ctrl-C (SIGINT) is recorded, and `check()` raises KeyboardInterrupt at a safe point; a second one raises at once."
+    def __init__(self): self.hit, self._prev = False, None
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._prev = signal.signal(signal.SIGINT, self._on)
+        return self
+    def _on(self, signum, frame):
+        if self.hit: raise KeyboardInterrupt
+        self.hit = True
+    def check(self) -> None:
+        if self.hit: raise KeyboardInterrupt
+    def __exit__(self, *exc) -> None:
+        if self._prev is not None: signal.signal(signal.SIGINT, self._prev)
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep's own process decides what a Ctrl-C stops
+    warm_worker()
+
 def start_workers(jobs: int, method: str = 'spawn'):
     "A pool of `jobs` worker processes, started now; with 'fork' they inherit this process's imports, warmed first."
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     if method == 'fork': warm_worker()
-    ex = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context(method), initializer=warm_worker)
+    ex = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context(method), initializer=_worker_init)
     for _ in range(jobs): ex.submit(os.getpid)  # start every worker now
     return ex
 
-def run_in_pool(tasks: list[dict], pool=None):
-    "Yield (task, outcome) from the workers of `pool` (a started ProcessPoolExecutor), or in this process without one."
-    if pool is None:
-        for t in tasks: yield t, run_config(t)
-        return
-    from concurrent.futures import as_completed
+def stop_workers(pool) -> None:
+    "Terminate the pool's workers now (their configurations are abandoned; their open files and locks are released) and shut it down."
+    if hasattr(pool, 'terminate_workers'): pool.terminate_workers(); return  # Python 3.14
+    procs = list((getattr(pool, '_processes', None) or {}).values())  # no public way before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs: p.terminate()
+    for p in procs: p.join(10)
+
+def run_in_pool(tasks: list[dict], pool, stop: _Stop | None = None):
+    "Yield (task, outcome) from the workers of `pool` (a started ProcessPoolExecutor) as they finish; `stop` is checked between waits."
+    from concurrent.futures import FIRST_COMPLETED, wait
     futures = {pool.submit(run_config, t): t for t in tasks}
-    for f in as_completed(futures):
-        try: r = f.result()
-        except Exception as e: r = _crashed(futures[f], e)
-        yield futures[f], r
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+        if stop: stop.check()
+        for f in done:
+            try: r = f.result()
+            except Exception as e: r = _crashed(futures[f], e)
+            yield futures[f], r
 
 def dask_client(address: str):
     "A client of the Dask scheduler at `address`, with a one-line UserError when it cannot be reached."
@@ -281,21 +309,25 @@ def dask_client(address: str):
     except (OSError, TimeoutError, ValueError) as e:
         raise UserError(f"--scheduler {address}: cannot connect to a Dask scheduler there ({type(e).__name__}: {e})") from None
 
-def run_on_dask(tasks: list[dict], client):
-    "Yield (task, outcome) from the workers of a Dask cluster, the same `run_config` on each."
-    from distributed import as_completed
+def run_on_dask(tasks: list[dict], client, stop: _Stop | None = None):
+    "Yield (task, outcome) from the workers of a Dask cluster, the same `run_config` on each; `stop` is checked between waits."
     futures = {}
     for t in tasks:
         f = client.submit(run_config, t, key=f"nbs-sweep-{t['sweep_id']}-{t['config_id']}-{time.time_ns()}", pure=False)
-        futures[f.key] = (f, t)
+        futures[f] = t
+    pending = set(futures)
     try:
-        for f in as_completed([f for f, _ in futures.values()], loop=client.loop):
-            t = futures[f.key][1]
-            try: r = f.result()
-            except Exception as e: r = _crashed(t, e)
-            yield t, r
+        while pending:
+            done = {f for f in pending if f.done()}
+            if stop: stop.check()
+            if not done: time.sleep(0.1); continue
+            pending -= done
+            for f in done:
+                try: r = f.result()
+                except Exception as e: r = _crashed(futures[f], e)
+                yield futures[f], r
     except BaseException:
-        client.cancel([f for f, _ in futures.values()]); raise
+        client.cancel(list(futures)); raise
 
 # %% ../notebooks/lib/07_sweep.ipynb #aadfa23f
 def open_parent(p: dict, root: Path, sid: str, params: dict, inputs: dict) -> tuple[str, str, bool]:
@@ -435,6 +467,15 @@ def _finish_parent(pl: dict, parent: str, table, s: dict, failed: int, status: s
     c.set_tag(parent, 'nbs.metric', s['metric']); c.set_tag(parent, 'nbs.greater_is_better', str(s['greater_is_better']).lower())
     c.set_terminated(parent, status)
 
+def _close_killed(exp: str, parent: str) -> None:
+    "Mark the runs of a stopped sweep KILLED; if the store refuses, say so (the next `nbs sweep` closes them)."
+    from nbs_lib import tracking as trk
+    for what, close in (('its configurations in flight', lambda: close_children(exp, parent, 'KILLED')),
+                        (f'the sweep run {parent}', lambda: trk.finish_run(parent, 'KILLED'))):
+        try: close()
+        except Exception as e:
+            print(f"warning: could not mark {what} KILLED ({error_line(e)}); re-running the sweep closes them", file=sys.stderr)
+
 def run_sweep(root: str | Path | None = None, overrides: dict | None = None, grid_file=None, jobs: int | None = None,
               engine: str = 'ploomber-engine', scheduler: str | None = None, progress: bool = True,
               start_method: str = 'spawn') -> dict:
@@ -451,56 +492,57 @@ def run_sweep(root: str | Path | None = None, overrides: dict | None = None, gri
     if jobs is not None and jobs < 1: raise UserError(f"--jobs must be >= 1, got {jobs}")
     pl = plan(root, p, build_grid(p, overrides, grid_file), engine)
     n_workers = min(jobs or os.cpu_count() or 1, len(pl['configs']))
-    fork = start_method == 'fork' and not scheduler and n_workers > 1
+    fork = start_method == 'fork' and not scheduler
     pool = start_workers(n_workers, 'fork') if fork else None  # before this process holds a lock or an MLflow connection
     lock = client = None; ok = False
-    try:
-        lock = _lock(pl['folder'])
-        client = dask_client(scheduler) if scheduler else None
-        uri = trk.tracking_uri(p, root)
-        sweep_params = {'sweep': {'grid': pl['grid'], 'metric': s['metric'], 'n_configs': len(pl['configs'])}}
-        exp, parent, resumed = open_parent(p, root, pl['sweep_id'], sweep_params, pl['data_inputs'])
-        close_children(exp, parent, 'KILLED')
-        done = {}
-        for r in children(exp, parent, 'FINISHED'): done.setdefault(r.data.tags.get('nbs.config_hash'), r)
-        todo = [c for c in pl['configs'] if c['config_hash'] not in done]
-        slots = sum(client.nthreads().values()) if client else min(n_workers, max(len(todo), 1))
-        if not client and pool is None and slots > 1: pool = start_workers(slots, start_method)
-        elif not client and todo and slots == 1: warm_worker()  # they run here: import what they use now
-        where = (f"Dask scheduler {scheduler} ({len(client.nthreads())} workers, {slots} threads)" if client
-                 else 'this process' if slots == 1 else f"{slots} worker processes")
-        threads = None if client else max(1, (os.cpu_count() or 1)//slots)
-        tasks = [make_task(pl, c, root, uri, exp, parent, threads) for c in todo]
-        by_id = {c['config_id']: c for c in pl['configs']}
-        rows = [_row(c, 'cached', done[c['config_hash']]) for c in pl['configs'] if c['config_hash'] in done]
-        n_cached = len(rows)
-        t_setup = time.perf_counter() - t0; failed = 0
-        bar = tqdm(total=len(pl['configs']), initial=len(rows), desc=f"sweep {pl['sweep_id']}", unit='config',
-                   disable=not progress, file=sys.stderr, smoothing=0, dynamic_ncols=True)
-        def post(refresh=False): bar.set_postfix_str(f"done={len(rows)-failed} failed={failed} running={min(slots, len(pl['configs']) - len(rows))}", refresh)
-        post(True)
+    with _Stop() as stop:
         try:
-            results = run_on_dask(tasks, client) if client else run_in_pool(tasks, pool if slots > 1 else None)
-            for t, r in results:
-                c = by_id[t['config_id']]
-                run = MlflowClient().get_run(r['run_id']) if r['run_id'] else None
-                if r['status'] == 'FINISHED': rows.append(_row(c, 'ran', run, seconds=r['seconds']))
-                else:
-                    failed += 1; rows.append(_row(c, 'failed', run, r['error'], r['notebook'], r['seconds']))
-                post(); bar.update(1)
-        except BaseException:
+            lock = _lock(pl['folder'])
+            client = dask_client(scheduler) if scheduler else None
+            uri = trk.tracking_uri(p, root)
+            sweep_params = {'sweep': {'grid': pl['grid'], 'metric': s['metric'], 'n_configs': len(pl['configs'])}}
+            exp, parent, resumed = open_parent(p, root, pl['sweep_id'], sweep_params, pl['data_inputs'])
+            close_children(exp, parent, 'KILLED')
+            done = {}
+            for r in children(exp, parent, 'FINISHED'): done.setdefault(r.data.tags.get('nbs.config_hash'), r)
+            todo = [c for c in pl['configs'] if c['config_hash'] not in done]
+            slots = sum(client.nthreads().values()) if client else min(n_workers, max(len(todo), 1))
+            if not client and pool is None and todo: pool = start_workers(slots, start_method)
+            where = (f"Dask scheduler {scheduler} ({len(client.nthreads())} workers, {slots} threads)" if client
+                     else f"{slots} worker process{'es' if slots > 1 else ''}")
+            threads = None if client else max(1, (os.cpu_count() or 1)//slots)
+            tasks = [make_task(pl, c, root, uri, exp, parent, threads) for c in todo]
+            by_id = {c['config_id']: c for c in pl['configs']}
+            rows = [_row(c, 'cached', done[c['config_hash']]) for c in pl['configs'] if c['config_hash'] in done]
+            n_cached = len(rows)
+            t_setup = time.perf_counter() - t0; failed = 0
+            bar = tqdm(total=len(pl['configs']), initial=len(rows), desc=f"sweep {pl['sweep_id']}", unit='config',
+                       disable=not progress, file=sys.stderr, smoothing=0, dynamic_ncols=True)
+            def post(refresh=False): bar.set_postfix_str(f"done={len(rows)-failed} failed={failed} running={min(slots, len(pl['configs']) - len(rows))}", refresh)
+            post(True)
+            try:
+                stop.check()  # a Ctrl-C during the set-up
+                results = run_on_dask(tasks, client, stop) if client else run_in_pool(tasks, pool, stop)
+                for t, r in results:
+                    c = by_id[t['config_id']]
+                    run = MlflowClient().get_run(r['run_id']) if r['run_id'] else None
+                    if r['status'] == 'FINISHED': rows.append(_row(c, 'ran', run, seconds=r['seconds']))
+                    else:
+                        failed += 1; rows.append(_row(c, 'failed', run, r['error'], r['notebook'], r['seconds']))
+                    post(); bar.update(1)
+            except BaseException:
+                bar.close()
+                if pool: stop_workers(pool)  # first: a worker stopped in the middle of a write holds the store's lock until it exits
+                _close_killed(exp, parent)
+                raise
             bar.close()
-            with contextlib.suppress(Exception): close_children(exp, parent, 'KILLED')
-            with contextlib.suppress(Exception): trk.finish_run(parent, 'KILLED')
-            raise
-        bar.close()
-        close_children(exp, parent, 'FAILED')  # runs of workers that died
-        table = results_table(rows, s['metric'], s['greater_is_better'])
-        _finish_parent(pl, parent, table, s, failed, 'FAILED' if failed else 'FINISHED'); ok = True
-    finally:
-        if pool: pool.shutdown(wait=ok, cancel_futures=True)
-        if client: client.close()
-        if lock: lock.close()
+            close_children(exp, parent, 'FAILED')  # runs of workers that died
+            table = results_table(rows, s['metric'], s['greater_is_better'])
+            _finish_parent(pl, parent, table, s, failed, 'FAILED' if failed else 'FINISHED'); ok = True
+        finally:
+            if pool: pool.shutdown(wait=ok, cancel_futures=True)
+            if client: client.close()
+            if lock: lock.close()
     return {'sweep_id': pl['sweep_id'], 'parent_run_id': parent, 'experiment_id': exp, 'resumed': resumed,
             'table': table, 'folder': pl['folder'], 'n_ran': len(tasks), 'n_cached': n_cached, 'n_failed': failed,
             'metric': s['metric'], 'where': where, 'root': root, 'seconds': {'setup': t_setup, 'total': time.perf_counter() - t0}}

@@ -143,9 +143,10 @@ def test_an_interrupted_sweep_resumes(built_copy):
     out, err = p.communicate(timeout=300)
     assert p.returncode == 130, out + err
     assert 'interrupted: re-run the same command to resume' in err
+    assert 'could not mark' not in err, err
     sweep = c.search_runs([exp], "tags.`nbs.kind` = 'sweep'")[0]
-    assert sweep.info.status == 'KILLED'
-    assert not c.search_runs([exp], "attributes.status = 'RUNNING'")  # nothing left dangling
+    assert sweep.info.status == 'KILLED', err
+    assert not c.search_runs([exp], "attributes.status = 'RUNNING'"), err  # nothing left dangling
     finished = {k.data.tags['nbs.config_hash'] for k in _children(c, exp, sweep.info.run_id) if k.info.status == 'FINISHED'}
     assert 1 <= len(finished) < len(values)
     r = nbs(root, *args[1:])
