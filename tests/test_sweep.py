@@ -1,7 +1,7 @@
 """`nbs sweep` end to end: real notebooks run by ploomber-engine in worker processes (or papermill kernels), real
 MLflow stores (sqlite, and a real `mlflow server`), a real Dask scheduler with workers; nothing is mocked."""
 from __future__ import annotations
-import json, re, signal, socket, subprocess, time, urllib.request
+import json, os, re, signal, socket, subprocess, time, urllib.request
 from pathlib import Path
 import mlflow
 import pytest
@@ -125,23 +125,32 @@ def test_a_failing_configuration_is_named_and_the_others_finish(built_copy, tmp_
     assert r2.returncode == 1 and _counts(r2.stdout) == (1, 1, 1)
 
 
+def _group(pid: int) -> int | None:
+    try: return os.getpgid(pid)
+    except OSError: return None  # gone meanwhile
+
+
 def test_an_interrupted_sweep_resumes(built_copy):
     root = _quick(built_copy)
     values = [0.125, 0.25, 0.5, 1, 2, 4, 8, 16]  # a configuration takes about 2.5 s: a wide window to interrupt in
     args = [str(BIN/'nbs'), 'sweep', *LR, '--set', f"hyperparams.logistic_regression.C={','.join(map(str, values))}",
             '--jobs', '1', '--no-progress']
     c, exp = _store(root)
-    # SIGINT as at a terminal: a test run started in the background (`make test &`) has it ignored, and children inherit that
+    # SIGINT as at a terminal: to the whole process group (nbs and its worker), with the default handler (a test run
+    # started in the background, `make test &`, has SIGINT ignored, and children inherit that)
     p = subprocess.Popen(args, cwd=root, env=env_for(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600
     while time.time() < deadline and p.poll() is None:
         time.sleep(0.1)  # catch the first finished configuration before the last one ends, even under load
         # a configuration's evaluate notebook is written once it has finished (its MLflow run closed inside it)
         if any((root/'build/sweep').glob('*/*/notebooks/04_evaluate.ipynb')): break
-    p.send_signal(signal.SIGINT)
+    os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 130, out + err
+    time.sleep(1)
+    left = [d for d in os.listdir('/proc') if d.isdigit() and _group(int(d)) == p.pid]
+    assert not left, f"processes of the interrupted sweep still running: {left}"  # its workers were stopped
     assert 'interrupted: re-run the same command to resume' in err
     assert 'could not mark' not in err, err
     sweep = c.search_runs([exp], "tags.`nbs.kind` = 'sweep'")[0]
