@@ -239,7 +239,7 @@ class Scorer:
         self.model, self.version, self.threshold = model, str(version), float(threshold)
         self.categories = categories if categories is not None else fitted_categories(model)
         self._known = {c: set(v) for c, v in self.categories.items() if v}
-        self._index = {c: _strings(v) for c, v in self.categories.items() if v}
+        self._index = {c: _strings(sorted(k)) for c, k in self._known.items()}  # unique values: an index lookup needs them
         self.fast = compile_pipeline(model)
 
     def probability(self, X: pd.DataFrame) -> np.ndarray:
