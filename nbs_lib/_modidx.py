@@ -221,6 +221,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'nbs_lib.sweep._leaves': ('sweep.html#_leaves', 'nbs_lib/sweep.py'),
                                'nbs_lib.sweep._lib_md5s': ('sweep.html#_lib_md5s', 'nbs_lib/sweep.py'),
                                'nbs_lib.sweep._lock': ('sweep.html#_lock', 'nbs_lib/sweep.py'),
+                               'nbs_lib.sweep._outcomes': ('sweep.html#_outcomes', 'nbs_lib/sweep.py'),
                                'nbs_lib.sweep._quiet': ('sweep.html#_quiet', 'nbs_lib/sweep.py'),
                                'nbs_lib.sweep._reroot': ('sweep.html#_reroot', 'nbs_lib/sweep.py'),
                                'nbs_lib.sweep._row': ('sweep.html#_row', 'nbs_lib/sweep.py'),

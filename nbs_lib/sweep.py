@@ -289,18 +289,23 @@ def stop_workers(pool) -> None:
     for p in procs: p.terminate()
     for p in procs: p.join(10)
 
-def run_in_pool(tasks: list[dict], pool, stop: _Stop | None = None):
-    "Yield (task, outcome) from the workers of `pool` (a started ProcessPoolExecutor) as they finish; `stop` is checked between waits."
-    from concurrent.futures import FIRST_COMPLETED, wait
-    futures = {pool.submit(run_config, t): t for t in tasks}
+def _outcomes(futures: dict, finished, stop: _Stop | None):
+    "Yield (task, outcome) of `futures` ({future: task}) as they finish; `finished(pending)` waits briefly and returns the finished ones; `stop` is checked between waits."
     pending = set(futures)
     while pending:
-        done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+        done = finished(pending)
         if stop: stop.check()
+        pending -= done
         for f in done:
             try: r = f.result()
             except Exception as e: r = _crashed(futures[f], e)
             yield futures[f], r
+
+def run_in_pool(tasks: list[dict], pool, stop: _Stop | None = None):
+    "Yield (task, outcome) from the workers of `pool` (a started ProcessPoolExecutor) as they finish; `stop` is checked between waits."
+    from concurrent.futures import FIRST_COMPLETED, wait
+    futures = {pool.submit(run_config, t): t for t in tasks}
+    yield from _outcomes(futures, lambda fs: wait(fs, timeout=0.2, return_when=FIRST_COMPLETED).done, stop)
 
 def dask_client(address: str):
     "A client of the Dask scheduler at `address`, with a one-line UserError when it cannot be reached."
@@ -315,17 +320,11 @@ def run_on_dask(tasks: list[dict], client, stop: _Stop | None = None):
     for t in tasks:
         f = client.submit(run_config, t, key=f"nbs-sweep-{t['sweep_id']}-{t['config_id']}-{time.time_ns()}", pure=False)
         futures[f] = t
-    pending = set(futures)
-    try:
-        while pending:
-            done = {f for f in pending if f.done()}
-            if stop: stop.check()
-            if not done: time.sleep(0.1); continue
-            pending -= done
-            for f in done:
-                try: r = f.result()
-                except Exception as e: r = _crashed(futures[f], e)
-                yield futures[f], r
+    def finished(fs):  # Dask futures have no timed wait without a default client: poll their state
+        done = {f for f in fs if f.done()}
+        if not done: time.sleep(0.1)
+        return done
+    try: yield from _outcomes(futures, finished, stop)
     except BaseException:
         client.cancel(list(futures)); raise
 
