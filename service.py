@@ -1,7 +1,7 @@
 """The BentoML service: the MLflow champion behind /predict (JSON records, adaptive batching) and /predict_file
-(a parquet or CSV file). Its logic lives in nbs_lib.serving (notebooks/lib/10_serving.ipynb); its parameters
-in the `serve:` stage of params.yaml; its build options in bentofile.yaml. `make serve` imports the champion
-from MLflow and runs `bentoml serve service:FlightDelay`."""
+(a parquet or CSV file). Its logic lives in nbs_lib.serving (notebooks/lib/10_serving.ipynb); its request schema is
+generated from the data spec (`table:` in params.yaml); its parameters are the `serve:` stage; its build options
+live in bentofile.yaml. `make serve` imports the champion from MLflow and runs `bentoml serve` on this class."""
 from __future__ import annotations
 import os
 # one OpenMP thread per model call (before scikit-learn loads): a worker's calls do not oversubscribe the cores,
@@ -12,15 +12,17 @@ import bentoml
 from starlette.responses import JSONResponse
 from nbs_lib import serving as S
 
-try: CFG = S.service_config(Path(__file__).resolve().parent)
+ROOT = Path(__file__).resolve().parent
+try: CFG = S.service_config(ROOT); BENTO = S.bentofile(ROOT)
 except S.UserError as e: raise SystemExit(f"error: {e}") from None
-Flight = S.flight_model(CFG.categories, CFG.example)
-Flights = S.request_type(Flight, CFG.s['max_batch'])
+Record = S.record_model(CFG.spec, CFG.categories, CFG.example)
+Records = S.request_type(Record, CFG.s['max_batch'])
+Prediction = S.prediction_model(CFG.spec)
 
 
-@bentoml.service(name='flights_delay', workers=CFG.s['workers'], traffic={'timeout': CFG.s['timeout_s']})
-class FlightDelay:
-    """Probability that a scheduled flight arrives late, from the flight and the origin weather at its scheduled hour."""
+@bentoml.service(name=BENTO['name'], workers=CFG.s['workers'], traffic={'timeout': CFG.s['timeout_s']})
+class Predictor:
+    """The registered champion of this project, scoring the raw input columns of the data spec."""
     champion = bentoml.models.BentoModel(CFG.champion.tag)
     if CFG.challenger is not None: challenger = bentoml.models.BentoModel(CFG.challenger.tag)
 
@@ -28,13 +30,13 @@ class FlightDelay:
         self.rt = S.Runtime(CFG)
 
     @bentoml.api(batchable=CFG.s['batching'], max_batch_size=CFG.s['max_batch_size'], max_latency_ms=CFG.s['max_latency_ms'])
-    def predict(self, flights: Flights) -> list[S.Prediction]:
-        """Score 1 to serve.max_batch flights: probability of a late arrival, decision at the threshold, model version."""
-        return self.rt.predict(flights)
+    def predict(self, records: Records) -> list[Prediction]:
+        """Score 1 to serve.max_batch records: the model's answer for each (probability and decision, or the predicted value), with the model version."""
+        return self.rt.predict(records)
 
     @bentoml.api
     def predict_file(self, file: Path, ctx: bentoml.Context) -> Path:
-        """Score a parquet or CSV file with the input columns; returns its rows with probability, decision and model version."""
+        """Score a parquet or CSV file with the input columns; returns its rows with the model's answer and version."""
         try: return self.rt.predict_file(file, ctx.temp_dir)
         except S.UserError as e:
             ctx.response.status_code = 400
@@ -46,4 +48,4 @@ class FlightDelay:
 
 
 # a malformed multipart body answers 400 here; inside BentoML it would be a 500 (see nbs_lib.serving.MultipartCheck)
-FlightDelay.add_asgi_middleware(S.MultipartCheck)
+Predictor.add_asgi_middleware(S.MultipartCheck)

@@ -57,25 +57,27 @@ PLAIN = textwrap.dedent('''
     from pathlib import Path
     t0 = time.perf_counter()
     from nbs_lib.config import load_params, check_params, project_root
-    from nbs_lib.data import load_raw, sample_flights, write_parquet, read_table
-    from nbs_lib.features import make_table, time_split, INPUT_COLUMNS, TARGET
+    from nbs_lib.data import DataSpec, check_table, model_table, sample_rows, split_table, write_parquet, read_table
+    from nbs_lib.features import join_weather, load_raw
     from nbs_lib.models import model_from_params
     from nbs_lib import metrics as mt
     track = sys.argv[1] == 'track'
-    p = check_params(load_params()); root = project_root(); d = p['data']; out = root/'build-plain'
-    flights, weather = load_raw(root/d['raw_dir'], d['flights_file'], d['weather_file'])
-    flights = sample_flights(flights, d['sample_frac'], d['seed'])
+    p = check_params(load_params()); root = project_root(); d = p['data']; out = root/'build-plain'; spec = DataSpec.from_params(p)
+    flights, weather = load_raw(root/d['raw_dir'], d['files'])
+    flights = sample_rows(flights, d['sample_frac'], d['seed'], p['split']['by'])
     write_parquet(flights, out/'flights.parquet'); write_parquet(weather, out/'weather.parquet')
-    table = make_table(read_table(out/'flights.parquet'), read_table(out/'weather.parquet'), p['features']['delay_threshold_min'])
-    train, test = time_split(table, p['split']['train_months'], p['split']['test_months'])
+    table = model_table(join_weather(read_table(out/'flights.parquet'), read_table(out/'weather.parquet')), spec)
+    check_table(table, spec)
+    train, test = split_table(table, p['split'], spec)
     write_parquet(train, out/'train.parquet'); write_parquet(test, out/'test.parquet')
+    INPUT_COLUMNS, TARGET = spec.inputs, spec.target
     model = model_from_params(p).fit(train[INPUT_COLUMNS], train[TARGET])
     pr = model.predict_proba(test[INPUT_COLUMNS])[:, 1]
     m = mt.classification_metrics(test[TARGET], pr, p['evaluate']['threshold'])
     bym = mt.metrics_by(test.assign(y=test[TARGET], p=pr), 'month')
     imp = mt.feature_importance(model, test[INPUT_COLUMNS], test[TARGET], n_rows=p['evaluate']['importance_rows'])
     for name, fig in {'roc': mt.plot_roc(test[TARGET], pr), 'cal': mt.plot_calibration(test[TARGET], pr),
-                      'month': mt.plot_by_period(bym), 'imp': mt.plot_importance(imp)}.items():
+                      'month': mt.plot_by_period(bym, 'month'), 'imp': mt.plot_importance(imp)}.items():
         fig.savefig(out/f'{name}.png', dpi=90)
     if track:
         import mlflow
@@ -87,7 +89,7 @@ PLAIN = textwrap.dedent('''
         from nbs_lib import monitor as mon  # the monitor task's work: drift report of the later months, its own MLflow run
         (out/'run.json').write_text(json.dumps({'run_id': rid, 'model_uri': info.model_uri}))
         mon.run_monitor({'features': {'train': out/'train.parquet', 'test': out/'test.parquet'}, 'train': {'run': out/'run.json'}},
-                        {'drift': out/'drift.json', 'report': out/'report'}, p['monitor'], p['features'], p['tracking'], root=root)
+                        {'drift': out/'drift.json', 'report': out/'report'}, p['monitor'], p['table'], p['tracking'], p['split'], root=root)
     (out/'metrics.json').write_text(json.dumps(m))
     print(json.dumps({'seconds': time.perf_counter() - t0, 'roc_auc': m['roc_auc']}))
 ''')
@@ -97,10 +99,10 @@ TRACK = textwrap.dedent('''
     import json, sys, time
     import pandas as pd, mlflow
     from nbs_lib.config import load_params, check_params, project_root
-    from nbs_lib.features import INPUT_COLUMNS, TARGET
+    from nbs_lib.data import DataSpec
     from nbs_lib.models import model_from_params
     from nbs_lib import tracking as trk
-    p = check_params(load_params()); root = project_root()
+    p = check_params(load_params()); root = project_root(); spec = DataSpec.from_params(p); INPUT_COLUMNS, TARGET = spec.inputs, spec.target
     train = pd.read_parquet(root/'build/features/train.parquet')
     model = model_from_params(p).fit(train[INPUT_COLUMNS], train[TARGET])
     pngs = sorted((root/'build/evaluate/plots').glob('*.png'))
@@ -129,19 +131,20 @@ TASK = textwrap.dedent('''
     out = Path(tempfile.mkdtemp())
     params = dict(upstream={'ingest': {'flights': str(root/'build/ingest/flights.parquet'), 'weather': str(root/'build/ingest/weather.parquet')}},
                   product={'nb': str(out/'f.ipynb'), 'train': str(out/'train.parquet'), 'test': str(out/'test.parquet')},
-                  features=p['features'], split=p['split'])
+                  table=p['table'], split=p['split'])
     if mode in ('plain', 'engine'):  # as in `nbs build`: heavy imports paid once before the tasks run
         from nbs_lib.cli import _warm_up
         _warm_up()
         from nbs_lib.config import check_stage
-        from nbs_lib.data import read_table, write_parquet
-        from nbs_lib.features import make_table, time_split, TARGET
+        from nbs_lib.data import DataSpec, check_table, model_table, read_table, split_table, write_parquet
+        from nbs_lib.features import join_weather
     if mode == 'engine':
         from ploomber_engine import execute_notebook
     t0 = time.perf_counter()
     if mode == 'plain':
-        t = make_table(read_table(params['upstream']['ingest']['flights']), read_table(params['upstream']['ingest']['weather']), p['features']['delay_threshold_min'])
-        tr, te = time_split(t, p['split']['train_months'], p['split']['test_months'])
+        spec = DataSpec.from_params(p)
+        t = model_table(join_weather(read_table(params['upstream']['ingest']['flights']), read_table(params['upstream']['ingest']['weather'])), spec)
+        check_table(t, spec); tr, te = split_table(t, p['split'], spec)
         write_parquet(tr, out/'train.parquet'); write_parquet(te, out/'test.parquet')
     elif mode == 'engine':
         execute_notebook(str(nb), str(out/'f.ipynb'), parameters=params, progress_bar=False, log_output=False)
@@ -165,7 +168,7 @@ def _task_params(root: Path, out: Path) -> dict:
     p = yaml.safe_load((root/'params.yaml').read_text())
     return {'upstream': {'ingest': {'flights': str(root/'build/ingest/flights.parquet'), 'weather': str(root/'build/ingest/weather.parquet')}},
             'product': {'nb': str(out/'x.ipynb'), 'train': str(out/'tr.parquet'), 'test': str(out/'te.parquet')},
-            'features': p['features'], 'split': p['split']}
+            'table': p['table'], 'split': p['split']}
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ async def _latencies(url: str, rec: dict, concurrency: int, total: int) -> tuple
     """`total` single-row requests from `concurrency` clients; (latencies in ms, requests per second)."""
     import httpx
     lat: list[float] = []
-    body = json.dumps({'flights': [rec]}).encode()
+    body = json.dumps({'records': [rec]}).encode()
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as c:
         async def worker(n: int):
             for _ in range(n):
@@ -108,7 +108,7 @@ def main() -> None:
             ready = wait_ready(url, proc, 300, log)
             print(f'server (batching {"on" if batching else "off"}) ready in {ready:.1f}s', flush=True)
             with httpx.Client(base_url=url, timeout=300) as c:
-                for _ in range(3): c.post('/predict', json={'flights': recs[:10]}).raise_for_status()  # warm up
+                for _ in range(3): c.post('/predict', json={'records': recs[:10]}).raise_for_status()  # warm up
                 if batching:
                     def http_file():
                         t0 = time.perf_counter()
@@ -117,7 +117,7 @@ def main() -> None:
                     def http_json():
                         t0 = time.perf_counter()
                         for i in range(0, a.rows, max_batch):
-                            c.post('/predict', json={'flights': recs[i:i + max_batch]}).raise_for_status()
+                            c.post('/predict', json={'records': recs[i:i + max_batch]}).raise_for_status()
                         return a.rows / (time.perf_counter() - t0)
                     row(f'1a. batch over HTTP: /predict_file, parquet of {a.rows:,} rows', statistics.median(http_file() for _ in range(a.repeats)),
                         base, 'in-process predict_proba, 1 thread', 'rows/s', '>= 0.5x')

@@ -55,7 +55,7 @@ def plain_tasks(root: Path, seeds: list[int], kind: str) -> list[dict]:
     """The sweep's own tasks for these seeds (same parameters), writing elsewhere and not under a sweep run."""
     from nbs_lib.config import check_params, load_params
     from nbs_lib.sweep import check_sweep, make_task, plan
-    p = check_params(load_params(root/'params.yaml')); check_sweep(p['sweep'])
+    p = check_params(load_params(root/'params.yaml')); check_sweep(p)
     pl = plan(root, p, {'seed': seeds}, 'ploomber-engine')
     tasks = []
     for c in pl['configs']:

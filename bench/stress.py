@@ -55,8 +55,8 @@ async def load(url: str, recs: list[dict], seconds: float, concurrency: int, max
     """Single-row (4 in 5) and 2-10-row /predict requests from `concurrency` clients until `seconds` or `max_requests`."""
     import httpx
     rnd = random.Random(seed)
-    bodies = [json.dumps({'flights': [r]}).encode() for r in recs[:200]]
-    bodies += [json.dumps({'flights': recs[i:i + rnd.randint(2, 10)]}).encode() for i in range(0, 500, 10)]
+    bodies = [json.dumps({'records': [r]}).encode() for r in recs[:200]]
+    bodies += [json.dumps({'records': recs[i:i + rnd.randint(2, 10)]}).encode() for i in range(0, 500, 10)]
     lat: list[float] = []; errors: list[str] = []; sent = 0
     deadline = time.monotonic() + seconds
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as c:
@@ -137,7 +137,7 @@ def main() -> int:
     try:
         print(f'server ready in {wait_ready(url, proc, 300, log):.1f}s', flush=True)
         import httpx
-        for i in range(20): httpx.post(f'{url}/predict', json={'flights': recs[i:i + 5]}, timeout=60).raise_for_status()
+        for i in range(20): httpx.post(f'{url}/predict', json={'records': recs[i:i + 5]}, timeout=60).raise_for_status()
         rss0 = tree_rss(proc.pid)
         samples: list[tuple[float, int]] = []; stop = threading.Event(); t_load = time.monotonic()
         def sample() -> None:  # the server's RSS each second of the load: growth must level off, not climb to the end

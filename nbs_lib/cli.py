@@ -7,7 +7,7 @@ reduced to one line that names the task and the cause."""
 from __future__ import annotations
 import argparse, json, os, re, sys, time
 from pathlib import Path
-from .config import FAMILIES, UserError, check_params, load_params, project_root, tracking_uri
+from .config import UserError, check_params, load_params, project_root, tracking_uri
 
 # %% auto #0
 __all__ = ['OFFLINE_ENV', 'WARM_MODULES', 'SUBCOMMANDS', 'offline_env', 'activate_env', 'notebook_error', 'failure_line',
@@ -99,8 +99,8 @@ def fingerprint(root: Path, params: dict, tasks: list[dict] | None = None) -> st
     content = [root/'params.yaml', root/'pipeline.yaml', *sorted((root/'notebooks'/'tasks').glob('*.ipynb')),
                *sorted((root/'nbs_lib').glob('*.py'))]
     for f in content: h.update(f'{f.relative_to(root)}\0'.encode()); h.update(f.read_bytes())
-    d = params['data']
-    stats = [root/d['raw_dir']/d['flights_file'], root/d['raw_dir']/d['weather_file']]
+    from nbs_lib.data import raw_files
+    stats = raw_files(params, root)
     for prod in _declared_products(tasks if tasks is not None else _pipeline_tasks(root), root):
         stats.append(prod); stats.append(prod.with_name(f'.{prod.name}.metadata'))
         if prod.is_dir(): stats.extend(sorted(q for q in prod.rglob('*') if q.is_file()))
@@ -155,9 +155,7 @@ def build(force: bool = False, root: Path | None = None, quiet: bool = False) ->
     if not force and fp.exists() and fp.read_text() == fingerprint(root, params, tasks):
         return {t['name']: 'skipped' for t in tasks}
     from nbs_lib.models import model_from_params
-    from nbs_lib.monitor import monitor_settings
     model_from_params(params)  # hyperparameters are checked against the estimator before anything runs
-    monitor_settings(params.get('monitor'))  # and the last task's stage, so a typo there fails before the first task
     cwd = os.getcwd(); os.chdir(root)
     lock = _build_lock(root)
     try:
@@ -193,7 +191,8 @@ def summary(root: Path | None = None) -> str:
     mf = root/'build'/'evaluate'/'metrics.json'
     if mf.exists():
         m = json.loads(mf.read_text())['test']
-        lines.append(f"test metrics: {mf}  (roc_auc={m['roc_auc']:.4f} log_loss={m['log_loss']:.4f} f1={m['f1']:.4f})")
+        keys = [k for k in ('roc_auc', 'log_loss', 'f1', 'rmse', 'mae', 'r2') if k in m]
+        lines.append(f"test metrics: {mf}  ({' '.join(f'{k}={m[k]:.4f}' for k in keys)})")
     rf = root/'build'/'train'/'run.json'
     if rf.exists():
         r = json.loads(rf.read_text())
@@ -214,16 +213,14 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
 
 # %% ../notebooks/lib/06_cli.ipynb #38380fc8
 def check_all(p: dict) -> dict:
-    "Every stage of params.yaml: the pipeline's (`config.check_params`, the model's hyperparameters), and those of the gate, sweeps, serving and monitoring."
-    from nbs_lib.gate import check_gate
-    from nbs_lib.models import model_from_params
-    from nbs_lib.monitor import monitor_settings
-    from nbs_lib.serving import serve_params
-    from nbs_lib.sweep import check_sweep
+    "Every stage of params.yaml (`config.check_params`), every family's hyperparameters for the task, the sweep grid's keys."
+    from nbs_lib.models import families_for, model_from_params
+    from nbs_lib.sweep import build_grid
     check_params(p)
-    for fam in p['train']['hyperparams']:  # every family's hyperparameters, not only the current one: sweeps switch family
-        if fam in FAMILIES: model_from_params({**p, 'train': {**p['train'], 'family': fam}})
-    model_from_params(p); check_gate(p); check_sweep(p.get('sweep')); serve_params(p); monitor_settings(p.get('monitor'))
+    task = p['table']['target']['task']
+    for fam in p['train'].get('hyperparams', {}):  # every family's hyperparameters, not only the current one: sweeps switch family
+        if fam in families_for(task) or ':' in fam: model_from_params({**p, 'train': {**p['train'], 'family': fam}})
+    model_from_params(p); build_grid(p)
     return p
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,12 +6,15 @@
 from __future__ import annotations
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
 # %% auto #0
-__all__ = ['FAMILIES', 'STAGE_CHECKS', 'UserError', 'ParamsError', 'DataError', 'project_root', 'load_params', 'get',
-           'check_stage', 'check_params', 'tracking_uri']
+__all__ = ['Num', 'STAGES', 'METRICS', 'UserError', 'ParamsError', 'DataError', 'project_root', 'load_params', 'get', 'Data',
+           'Column', 'Target', 'Derive', 'Table', 'Split', 'Train', 'Evaluate', 'Tracking', 'Registry', 'Bootstrap',
+           'Gate', 'Sweep', 'Batching', 'Serve', 'Monitor', 'greater_is_better', 'stage', 'check_stage', 'check_params',
+           'tracking_uri']
 
 # %% ../notebooks/lib/00_config.ipynb #017357cd
 class UserError(ValueError):
@@ -73,50 +76,220 @@ def get(params: dict, key: str, typ: type | None = None, *, choices=None, lo=Non
     if hi is not None and v > hi: raise ParamsError(f"params.yaml: '{full}' must be <= {hi}, got {v!r}")
     return v
 
-# %% ../notebooks/lib/00_config.ipynb #7acb3467
-FAMILIES = ('hist_gradient_boosting', 'logistic_regression', 'random_forest')
+# %% ../notebooks/lib/00_config.ipynb #cfg-models
+Num = float  # strict: an int is accepted, a bool or a string is not
 
-def _months(sec: dict, key: str, name: str) -> list:
-    ms = get(sec, key, list, prefix=name)
-    if not ms or not all(_type_ok(m, int) and 1 <= m <= 12 for m in ms):
-        raise ParamsError(f"params.yaml: '{name}.{key}' must be a non-empty list of months 1-12, got {ms!r}")
-    return ms
+class _Stage(BaseModel):
+    model_config = ConfigDict(extra='forbid', strict=True)
 
-def _check_data(s):
-    for k in ('raw_dir', 'flights_file', 'weather_file'): get(s, k, str, prefix='data')
-    get(s, 'sample_frac', float, lo=1e-6, hi=1.0, prefix='data'); get(s, 'seed', int, prefix='data')
+class Data(_Stage):
+    "Where the raw files are, which package ships them, and the seeded sample of rows kept."
+    raw_dir: StrictStr
+    files: dict[StrictStr, StrictStr] = Field(min_length=1)
+    package: Optional[StrictStr] = None
+    sample_frac: Num = Field(gt=0, le=1)
+    seed: StrictInt
 
-def _check_split(s):
-    tr, te = _months(s, 'train_months', 'split'), _months(s, 'test_months', 'split')
-    if set(tr) & set(te): raise ParamsError("params.yaml: 'split.train_months' and 'split.test_months' overlap: a month can be in one only")
+class Column(_Stage):
+    "One raw input column of the modelling table."
+    dtype: Literal['int', 'float', 'category', 'hhmm']
+    role: Literal['categorical', 'numeric', 'derive']
+    range: Optional[list[Num]] = Field(None, min_length=2, max_length=2)
+    gt: StrictBool = False
+    nullable: StrictBool = False
+    categories: Optional[list[StrictStr]] = None
+    doc: StrictStr = ''
 
-def _check_features(s):
-    get(s, 'delay_threshold_min', float, prefix='features')
-    for k in ('categorical', 'numeric'):
-        cols = get(s, k, list, prefix='features')
-        if not all(isinstance(c, str) for c in cols): raise ParamsError(f"params.yaml: 'features.{k}' must be a list of column names")
+    @model_validator(mode='after')
+    def _consistent(self):
+        if self.role == 'categorical' and self.dtype != 'category': raise ValueError("a categorical column needs dtype: category")
+        if self.dtype == 'category' and self.role != 'categorical': raise ValueError("a category column needs role: categorical")
+        if self.range and self.range[0] > self.range[1]: raise ValueError(f"range {list(self.range)}: lo is above hi")
+        return self
 
-def _check_train(s):
-    fam = get(s, 'family', str, choices=FAMILIES, prefix='train')
-    get(s, 'seed', int, prefix='train'); get(s, f'hyperparams.{fam}', dict, prefix='train')
+class Target(_Stage):
+    "The column the model predicts, the task, and for binary the rule that makes it from a raw column."
+    column: StrictStr
+    task: Literal['binary', 'regression']
+    rule: Optional[StrictStr] = None
 
-def _check_evaluate(s):
-    get(s, 'threshold', float, lo=0.0, hi=1.0, prefix='evaluate'); get(s, 'n_bins', int, lo=2, prefix='evaluate')
+class Derive(_Stage):
+    "Numeric features computed inside the model from the inputs, by `function` (module:name) returning {column: array}."
+    function: StrictStr = Field(pattern=r'^[A-Za-z_][\w.]*:[A-Za-z_]\w*$')
+    columns: list[StrictStr] = Field(min_length=1)
 
-def _check_tracking(s):
-    for k in ('experiment', 'uri', 'artifact_root'): get(s, k, str, prefix='tracking')
+class Table(_Stage):
+    "THE data spec: each raw input column, the target, optional date parts and derived features."
+    target: Target
+    columns: dict[StrictStr, Column] = Field(min_length=1)
+    date: Optional[list[StrictStr]] = Field(None, min_length=3, max_length=3)
+    derive: Optional[Derive] = None
 
-STAGE_CHECKS = {'data': _check_data, 'split': _check_split, 'features': _check_features, 'train': _check_train,
-                'evaluate': _check_evaluate, 'tracking': _check_tracking}
+    @model_validator(mode='after')
+    def _consistent(self):
+        if self.target.column in self.columns: raise ValueError(f"the target '{self.target.column}' is also listed as an input column")
+        for c in self.date or ():
+            if c not in self.columns or self.columns[c].dtype != 'int': raise ValueError(f"date part '{c}' must be an int input column")
+        if not any(c.role != 'derive' for c in self.columns.values()) and not self.derive: raise ValueError("no feature: every column has role derive and nothing is derived")
+        if self.target.task == 'regression' and self.target.rule: raise ValueError("a regression target takes no rule (the column is the value)")
+        return self
+
+class Split(_Stage):
+    "Train on some values of column `by` and test on others, or a seeded random `test_fraction`."
+    by: Optional[StrictStr] = None
+    train: Optional[list] = None
+    test: Optional[list] = None
+    test_fraction: Optional[float] = Field(None, gt=0, lt=1)
+    seed: Optional[StrictInt] = None
+
+    @model_validator(mode='after')
+    def _one_kind(self):
+        if self.by is not None:
+            if self.train is None or self.test is None or self.test_fraction is not None:
+                raise ValueError("a split by a column needs 'train' and 'test' (lists of its values) and no test_fraction")
+            if not self.train or not self.test: raise ValueError("'train' and 'test' must be non-empty lists of values of the split column")
+            if both := sorted(set(map(str, self.train)) & set(map(str, self.test))): raise ValueError(f"'train' and 'test' overlap in {both}: a value can be in one only")
+        elif self.test_fraction is None or self.seed is None or self.train is not None or self.test is not None:
+            raise ValueError("give either 'by' with 'train' and 'test' values, or 'test_fraction' with 'seed'")
+        return self
+
+class Train(_Stage):
+    "The model family (a registered name or an estimator's import path module:Class), its seed and hyperparameters."
+    family: StrictStr
+    seed: StrictInt
+    preprocessing: Optional[Literal['native', 'ordinal', 'onehot']] = None
+    hyperparams: dict[StrictStr, dict] = {}
+
+class Evaluate(_Stage):
+    "Test metrics: the decision threshold (binary), calibration bins, rows for permutation importance."
+    threshold: Num = Field(ge=0, le=1)
+    n_bins: StrictInt = Field(ge=2)
+    importance_rows: StrictInt = Field(ge=10)
+
+class Tracking(_Stage):
+    uri: StrictStr
+    artifact_root: StrictStr
+    experiment: StrictStr
+
+class Registry(_Stage):
+    model_name: StrictStr = Field(min_length=1)
+
+class Bootstrap(_Stage):
+    n_resamples: StrictInt = Field(ge=100)
+    seed: StrictInt
+    confidence: Num = Field(ge=0.5, le=0.999)
+
+class Gate(_Stage):
+    "Who becomes champion: the metric (its direction follows from its name), the bar, the bootstrapped margin."
+    metric: StrictStr
+    min_metric: Num
+    min_improvement: Num = Field(ge=0)
+    bootstrap: Bootstrap
+    report_dir: StrictStr
+
+class Sweep(_Stage):
+    grid: dict = Field(min_length=1)
+    metric: StrictStr
+    output_dir: StrictStr
+
+class Batching(_Stage):
+    enabled: StrictBool
+    max_batch_size: StrictInt = Field(ge=2)
+    max_latency_ms: StrictInt = Field(ge=1)
+
+class Serve(_Stage):
+    bentoml_home: StrictStr
+    host: StrictStr
+    port: StrictInt = Field(ge=1, le=65535)
+    workers: StrictInt = Field(ge=1, le=64)
+    timeout_s: StrictInt = Field(ge=1)
+    threshold: Optional[Num] = Field(None, ge=0, le=1)
+    max_batch: StrictInt = Field(ge=1)
+    max_file_rows: StrictInt = Field(ge=1)
+    batching: Batching
+    prediction_log: StrictStr
+    log_flush_rows: StrictInt = Field(ge=1)
+    log_flush_seconds: Num = Field(ge=0.01)
+    shadow: StrictBool
+
+    @model_validator(mode='after')
+    def _batch(self):
+        if self.batching.enabled and self.batching.max_batch_size < self.max_batch:
+            raise ValueError(f"'serve.batching.max_batch_size' ({self.batching.max_batch_size}) must be >= 'serve.max_batch' ({self.max_batch}): a request is never split")
+        return self
+
+class Monitor(_Stage):
+    prediction_log: StrictStr
+    batch_by: Optional[list[StrictStr]] = None
+    min_rows: StrictInt = Field(ge=2)
+    n_bins: StrictInt = Field(ge=2, le=100)
+    max_categories: StrictInt = Field(ge=2)
+    psi_threshold: Num = Field(ge=0)
+    p_value: Num = Field(ge=0, le=1)
+    prediction_psi_threshold: Num = Field(ge=0)
+    min_auc: Num = Field(ge=0, le=1)
+    max_calibration_gap: Num = Field(ge=0, le=1)
+    max_error_ratio: Num = Field(1.25, gt=0)
+    max_drifted_share: Num = Field(ge=0, le=1)
+
+STAGES = {'data': Data, 'table': Table, 'split': Split, 'train': Train, 'evaluate': Evaluate, 'tracking': Tracking,
+          'registry': Registry, 'gate': Gate, 'sweep': Sweep, 'serve': Serve, 'monitor': Monitor}
+
+# %% ../notebooks/lib/00_config.ipynb #met-dir
+METRICS = {'binary': {'roc_auc': True, 'log_loss': False, 'brier': False, 'accuracy': True, 'f1': True},
+           'regression': {'rmse': False, 'mae': False, 'r2': True}}  # task -> metric -> greater is better
+
+def greater_is_better(metric: str, task: str | None = None, key: str = 'metric') -> bool:
+    "Whether a larger `metric` (optionally test_/train_ prefixed) is better; ParamsError naming `key` when it is unknown."
+    name = metric.removeprefix('test_').removeprefix('train_')
+    tasks = [task] if task else list(METRICS)
+    for t in tasks:
+        if name in METRICS[t]: return METRICS[t][name]
+    known = sorted(m for t in tasks for m in METRICS[t])
+    raise ParamsError(f"params.yaml: '{key}' must be one of {known}{f' for task {task}' if task else ''}, got {metric!r}")
+
+# %% ../notebooks/lib/00_config.ipynb #cfg-errors
+_EXPECT = {'int_type': 'an integer', 'float_type': 'a number', 'bool_type': 'true/false', 'string_type': 'a string',
+           'list_type': 'a list', 'dict_type': 'a mapping', 'tuple_type': 'a list', 'model_type': 'a mapping', 'model_attributes_type': 'a mapping'}
+
+def _one_line(name: str, e: ValidationError) -> str:
+    "The first error of a stage's validation as one line naming the dotted key and what was expected."
+    err = e.errors()[0]
+    loc = '.'.join(str(x) for x in (name, *err['loc']) if not str(x).startswith(('function-', 'is-instance')))
+    t, got = err['type'], err.get('input')
+    if t == 'missing': return f"params.yaml: missing key '{loc}'"
+    if t == 'extra_forbidden':
+        parent = loc.rsplit('.', 1)[0]
+        return f"params.yaml: '{loc}' is not a key of '{parent}' (a typo? see the comments in params.yaml)"
+    if t in _EXPECT: return f"params.yaml: '{loc}' must be {_EXPECT[t]}, got {got!r}"
+    if t == 'literal_error': return f"params.yaml: '{loc}' must be one of {err['ctx']['expected'].replace(' or ', ', ')}, got {got!r}"
+    if t in ('greater_than_equal', 'less_than_equal', 'greater_than', 'less_than'):
+        op = {'greater_than_equal': '>=', 'less_than_equal': '<=', 'greater_than': '>', 'less_than': '<'}[t]
+        return f"params.yaml: '{loc}' must be {op} {list(err['ctx'].values())[0]}, got {got!r}"
+    if t == 'value_error': return f"params.yaml: '{loc}': {err['msg'].removeprefix('Value error, ')}"
+    return f"params.yaml: '{loc}': {err['msg'].lower()}, got {got!r}"
+
+def stage(p: dict, name: str) -> dict:
+    "Stage `name` of params `p` checked by its model, as a plain dict with defaults; ParamsError naming the key."
+    section = p.get(name) if isinstance(p, dict) else None
+    if not isinstance(section, dict) or not section: raise ParamsError(f"params.yaml: missing or empty stage '{name}'")
+    try: return STAGES[name].model_validate(section).model_dump()
+    except ValidationError as e: raise ParamsError(_one_line(name, e)) from None
 
 def check_stage(name: str, section) -> dict:
-    "Check one stage of params.yaml (as given to a task notebook); raises ParamsError naming the key."
-    if not isinstance(section, dict): raise ParamsError(f"params.yaml: missing or empty stage '{name}'")
-    STAGE_CHECKS[name](section); return section
+    "Check one stage as given to a task notebook (the stage's own mapping); returns it with defaults filled in."
+    return stage({name: section}, name)
 
 def check_params(p: dict) -> dict:
-    "Check every stage of params.yaml that has a checker; returns `p` or raises ParamsError."
-    for name in STAGE_CHECKS: check_stage(name, p.get(name))
+    "Check every stage of params.yaml; returns `p` or raises ParamsError naming the first bad key."
+    unknown = [k for k in p if k not in STAGES]
+    if unknown: raise ParamsError(f"params.yaml: '{unknown[0]}' is not a stage (expected stages {list(STAGES)})")
+    for name in STAGES: stage(p, name)
+    task = p['table']['target']['task']
+    greater_is_better(p['gate']['metric'], task, 'gate.metric')
+    sweep_metric = p['sweep']['metric']
+    if not sweep_metric.startswith(('test_', 'train_')): raise ParamsError(f"params.yaml: 'sweep.metric' must be test_<metric> or train_<metric>, got {sweep_metric!r}")
+    greater_is_better(sweep_metric, task, 'sweep.metric')
     return p
 
 # %% ../notebooks/lib/00_config.ipynb #39649644

@@ -9,7 +9,7 @@ import argparse, datetime, json, re, sys, time
 from pathlib import Path
 import numpy as np
 import yaml
-from .config import DataError, ParamsError, UserError, check_stage, get, load_params, project_root
+from .config import DataError, ParamsError, UserError, check_stage, greater_is_better, load_params, project_root, stage
 
 # %% auto #0
 __all__ = ['GATE_METRICS', 'check_gate', 'resample_indices', 'metric_value', 'bootstrap_deltas', 'paired_bootstrap', 'decide',
@@ -18,21 +18,14 @@ __all__ = ['GATE_METRICS', 'check_gate', 'resample_indices', 'metric_value', 'bo
            'register', 'render_markdown', 'write_report', 'run_gate', 'main']
 
 # %% ../notebooks/lib/08_gate.ipynb #7cee15e2
-GATE_METRICS = {'roc_auc': True, 'log_loss': False, 'brier': False}  # metric -> greater is better
+GATE_METRICS = {'binary': ('roc_auc', 'log_loss', 'brier'), 'regression': ('rmse', 'mae', 'r2')}  # what the bootstrap computes
 
 def check_gate(p: dict) -> dict:
-    "The `gate:` stage of params.yaml (and `registry.model_name`), checked; raises ParamsError naming the key."
-    g = get(p, 'gate', dict)
-    metric = get(g, 'metric', str, choices=GATE_METRICS, prefix='gate')
-    gib = get(g, 'greater_is_better', bool, prefix='gate')
-    if gib != GATE_METRICS[metric]:
-        raise ParamsError(f"params.yaml: 'gate.greater_is_better' must be {str(GATE_METRICS[metric]).lower()} "
-                          f"for gate.metric {metric}, got {str(gib).lower()}")
-    get(g, 'min_metric', float, prefix='gate'); get(g, 'min_improvement', float, lo=0.0, prefix='gate')
-    get(g, 'bootstrap.n_resamples', int, lo=100, prefix='gate'); get(g, 'bootstrap.seed', int, prefix='gate')
-    get(g, 'bootstrap.confidence', float, lo=0.5, hi=0.999, prefix='gate'); get(g, 'report_dir', str, prefix='gate')
-    get(p, 'registry.model_name', str)
-    return g
+    "The `gate:` stage of params.yaml checked (ParamsError naming the key), with the task and the metric's direction."
+    g = stage(p, 'gate'); stage(p, 'registry'); task = stage(p, 'table')['target']['task']
+    if g['metric'] not in GATE_METRICS[task]:
+        raise ParamsError(f"params.yaml: 'gate.metric' must be one of {list(GATE_METRICS[task])} for task {task}, got {g['metric']!r}")
+    return {**g, 'task': task, 'greater_is_better': greater_is_better(g['metric'], task, 'gate.metric')}
 
 # %% ../notebooks/lib/08_gate.ipynb #3e03abd2
 def resample_indices(n: int, n_resamples: int, seed: int, max_cells: int = 1 << 21):
@@ -42,10 +35,13 @@ def resample_indices(n: int, n_resamples: int, seed: int, max_cells: int = 1 << 
         yield rng.integers(0, n, size=(min(per, n_resamples - start), n), dtype=np.int64)
 
 def metric_value(metric: str, y, p) -> float:
-    "The gate's metric of probabilities `p` for labels `y`, by sklearn."
-    from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
+    "The gate's metric of predictions `p` (probabilities, or values for regression) for targets `y`, by sklearn."
+    from sklearn.metrics import brier_score_loss, log_loss, mean_absolute_error, mean_squared_error, r2_score, roc_auc_score
     if metric == 'roc_auc': return float(roc_auc_score(y, p))
     if metric == 'log_loss': return float(log_loss(y, p, labels=[0, 1]))
+    if metric == 'rmse': return float(np.sqrt(mean_squared_error(y, p)))
+    if metric == 'mae': return float(mean_absolute_error(y, p))
+    if metric == 'r2': return float(r2_score(y, p))
     return float(brier_score_loss(y, p))
 
 def _auc_codes(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, int]:
@@ -68,6 +64,14 @@ def _scorer(metric: str, y: np.ndarray, p: np.ndarray):
     "A function: chunk of resample indices -> the metric of each resample."
     if metric == 'roc_auc':
         codes, n_groups = _auc_codes(y, p); return lambda idx: _auc_of_resamples(codes, n_groups, idx)
+    if metric in ('rmse', 'mae', 'r2'):
+        err = (p - y)**2 if metric != 'mae' else np.abs(p - y)
+        if metric == 'mae': return lambda idx: err[idx].mean(axis=1)
+        if metric == 'rmse': return lambda idx: np.sqrt(err[idx].mean(axis=1))
+        def r2(idx):
+            yy = y[idx]; sst = ((yy - yy.mean(axis=1, keepdims=True))**2).sum(axis=1)
+            with np.errstate(invalid='ignore', divide='ignore'): return np.where(sst > 0, 1 - err[idx].sum(axis=1) / sst, np.nan)
+        return r2
     q = np.clip(p, np.finfo(float).eps, 1 - np.finfo(float).eps)
     loss = -(y*np.log(q) + (1 - y)*np.log1p(-q)) if metric == 'log_loss' else (p - y)**2
     return lambda idx: loss[idx].mean(axis=1)
@@ -79,7 +83,7 @@ def _sklearn_on(metric: str, y, p) -> float:
 def bootstrap_deltas(y, p_cand, p_champ, metric: str = 'roc_auc', n_resamples: int = 1000, seed: int = 0,
                      method: str = 'vectorized') -> np.ndarray:
     "metric(candidate) - metric(champion) on each seeded resample of the same rows; `method='sklearn'` loops sklearn."
-    y = np.asarray(y).astype(np.int64); pc = np.asarray(p_cand, float); ph = np.asarray(p_champ, float)
+    y = np.asarray(y, float) if metric in GATE_METRICS['regression'] else np.asarray(y).astype(np.int64); pc = np.asarray(p_cand, float); ph = np.asarray(p_champ, float)
     if not len(y) == len(pc) == len(ph): raise ValueError('labels and both predictions must have the same length')
     out = []
     if method == 'sklearn':
@@ -97,7 +101,7 @@ def paired_bootstrap(y, p_cand, p_champ, metric: str = 'roc_auc', n_resamples: i
     d = bootstrap_deltas(y, p_cand, p_champ, metric, n_resamples, seed)
     ok = d[~np.isnan(d)]
     if len(ok) < n_resamples / 2:
-        raise DataError(f"test data: only {len(ok)} of {n_resamples} bootstrap resamples hold both classes: too few test rows for the gate")
+        raise DataError(f"test data: only {len(ok)} of {n_resamples} bootstrap resamples can be scored (both classes, or targets that vary): too few test rows for the gate")
     a = (1 - confidence) / 2
     lo, hi = np.quantile(ok, [a, 1 - a])
     return {'delta': metric_value(metric, y, p_cand) - metric_value(metric, y, p_champ), 'ci_low': float(lo),
@@ -248,24 +252,28 @@ def select_candidate(client, root: Path, g: dict, sweep: str | None = None, run_
             f"best {key} {best.data.metrics[key]:.4f} in run {best.info.run_id}")
 
 # %% ../notebooks/lib/08_gate.ipynb #f2695098
-def load_test(root: Path) -> tuple:
+def load_test(root: Path, p: dict) -> tuple:
     "(X, y, description) of the current build's test set; a one-line DataError when it is missing or unusable."
-    from nbs_lib.data import md5, read_table
-    from nbs_lib.features import INPUT_COLUMNS, TARGET
+    from nbs_lib.data import DataSpec, md5, read_table
+    spec = DataSpec.from_params(p)
     path = product_path(root, 'features', 'test')
     if not path.exists():
         raise DataError(f"{path}: not found: the gate scores candidate and champion on the current build's test data (run `make pipeline`)")
     df = read_table(path)
-    missing = [c for c in INPUT_COLUMNS + [TARGET] if c not in df.columns]
+    missing = [c for c in spec.inputs + [spec.target] if c not in df.columns]
     if missing: raise DataError(f"{path}: missing column '{missing[0]}': rebuild the features with `make pipeline`")
-    y = df[TARGET].to_numpy().astype(np.int64)
+    if spec.task == 'regression':
+        y = df[spec.target].to_numpy().astype(float)
+        return df[spec.inputs], y, {'path': str(path), 'md5': md5(path), 'rows': int(len(y)), 'mean_target': round(float(y.mean()), 6)}
+    y = df[spec.target].to_numpy().astype(np.int64)
     if len(np.unique(y)) < 2: raise DataError(f"{path}: the test set has a single class ({len(y)} rows): the gate cannot compare models on it")
-    return df[INPUT_COLUMNS], y, {'path': str(path), 'md5': md5(path), 'rows': int(len(y)), 'positive_rate': round(float(y.mean()), 6)}
+    return df[spec.inputs], y, {'path': str(path), 'md5': md5(path), 'rows': int(len(y)), 'positive_rate': round(float(y.mean()), 6)}
 
-def predict(uri: str, X, what: str) -> np.ndarray:
-    "Probability of the positive class by the model at `uri`; a one-line UserError when it cannot be loaded or run."
+def predict(uri: str, X, what: str, task: str = 'binary') -> np.ndarray:
+    "The positive class's probability (or the value, for regression) by the model at `uri`; a one-line UserError when it cannot be loaded or run."
+    from nbs_lib.models import predict_scores
     from nbs_lib.tracking import load_model
-    try: return np.asarray(load_model(uri).predict_proba(X)[:, 1], dtype=float)
+    try: return predict_scores(load_model(uri), X, task)
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{what} ({uri}) cannot score the test data: {msg}") from None
@@ -362,18 +370,18 @@ def run_gate(root: Path, p: dict, sweep: str | None = None, run_id: str | None =
     client = _client()
     run, lm, source = select_candidate(client, root, g, sweep, run_id, from_build)
     log(f"candidate: {source}")
-    X, y, test = load_test(root)
+    X, y, test = load_test(root, p)
     logged_md5 = run.data.tags.get('data.test.md5')
     test['same_as_candidate_run'] = None if logged_md5 is None else logged_md5 == test['md5']
     champ = champion_version(client, name)
     mine = existing_version(client, name, lm)
     already = champ is not None and mine is not None and mine.version == champ.version
-    p_cand = predict(lm.model_uri, X, f"candidate run {run.info.run_id}")
+    p_cand = predict(lm.model_uri, X, f"candidate run {run.info.run_id}", g['task'])
     cand_value = metric_value(g['metric'], y, p_cand)
     champ_side, champ_value, boot = None, None, None
     if champ is not None:
         champ_uri = f"models:/{name}/{champ.version}"
-        p_champ = p_cand if already else predict(champ_uri, X, f"champion version {champ.version}")
+        p_champ = p_cand if already else predict(champ_uri, X, f"champion version {champ.version}", g['task'])
         champ_value = metric_value(g['metric'], y, p_champ)
         champ_side = _side(_run_or_none(client, champ.run_id), champ, champ.source, champ_value, key)
         if not already:

@@ -10,27 +10,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import stats
-from .config import DataError, ParamsError, UserError, get, load_params, project_root
-from .features import DERIVED_COLUMNS, INPUT_COLUMNS, TARGET, derive_time_features
+from .config import DataError, UserError, check_stage, load_params, project_root
+from .data import DataSpec
+from .models import derived_frame, predict_scores
 
 # %% auto #0
 __all__ = ['VERDICTS', 'PLOT_TITLES', 'monitor_settings', 'psi', 'quantile_edges', 'numeric_histogram', 'numeric_bins',
            'categorical_histograms', 'numeric_drift', 'categorical_drift', 'is_drifted', 'monitored_frame',
-           'month_batches', 'read_prediction_log', 'performance', 'compare_batch', 'verdict', 'compare',
-           'summary_frame', 'psi_frame', 'plot_psi_heatmap', 'plot_prediction_drift', 'plot_performance',
-           'plot_feature_shift', 'to_json', 'render_report', 'log_monitoring', 'run_monitor', 'summary_text', 'main']
+           'batches_by', 'read_prediction_log', 'performance', 'compare_batch', 'verdict', 'compare', 'summary_frame',
+           'psi_frame', 'plot_psi_heatmap', 'plot_prediction_drift', 'plot_performance', 'plot_feature_shift',
+           'to_json', 'render_report', 'log_monitoring', 'run_monitor', 'summary_text', 'main']
 
 # %% ../notebooks/lib/11_monitor.ipynb #50168b7d
 def monitor_settings(s) -> dict:
-    "The `monitor:` stage of params.yaml, checked; raises ParamsError naming the key."
-    if not isinstance(s, dict): raise ParamsError("params.yaml: missing or empty stage 'monitor'")
-    g = lambda k, t, **kw: get(s, k, t, prefix='monitor', **kw)
-    return {'prediction_log': g('prediction_log', str), 'min_rows': g('min_rows', int, lo=2),
-            'n_bins': g('n_bins', int, lo=2, hi=100), 'max_categories': g('max_categories', int, lo=2),
-            'psi_threshold': g('psi_threshold', float, lo=0.0), 'p_value': g('p_value', float, lo=0.0, hi=1.0),
-            'prediction_psi_threshold': g('prediction_psi_threshold', float, lo=0.0),
-            'min_auc': g('min_auc', float, lo=0.0, hi=1.0), 'max_calibration_gap': g('max_calibration_gap', float, lo=0.0, hi=1.0),
-            'max_drifted_share': g('max_drifted_share', float, lo=0.0, hi=1.0)}
+    "The `monitor:` stage of params.yaml, checked (config.Monitor); raises ParamsError naming the key."
+    return check_stage('monitor', s)
 
 # %% ../notebooks/lib/11_monitor.ipynb #c40593e1
 _FLOOR = 1e-4
@@ -111,20 +105,24 @@ def is_drifted(d: dict, psi_threshold: float, p_value: float) -> bool:
     return bool(d['psi'] >= psi_threshold and (d['p_value'] is None or d['p_value'] < p_value))
 
 # %% ../notebooks/lib/11_monitor.ipynb #d08b08b1
-def monitored_frame(df: pd.DataFrame, features: dict) -> tuple[pd.DataFrame, list[str], list[str]]:
+def monitored_frame(df: pd.DataFrame, spec: DataSpec) -> tuple[pd.DataFrame, list[str], list[str]]:
     "The columns the model sees, from raw input rows: (frame, numeric columns, categorical columns)."
-    missing = [c for c in INPUT_COLUMNS if c not in df.columns]
-    if missing: raise DataError(f"monitor: input rows lack column '{missing[0]}' (expected {INPUT_COLUMNS})")
-    numeric, categorical = list(features['numeric']) + DERIVED_COLUMNS, list(features['categorical'])
-    return derive_time_features(df[INPUT_COLUMNS])[numeric + categorical], numeric, categorical
+    missing = [c for c in spec.inputs if c not in df.columns]
+    if missing: raise DataError(f"monitor: input rows lack column '{missing[0]}' (expected the spec's {spec.inputs})")
+    numeric, categorical = spec.numeric + spec.derived, spec.categorical
+    return derived_frame(df[spec.inputs], spec.derive_function, spec.derive_only)[numeric + categorical], numeric, categorical
 
-def month_batches(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    "Rows of `df` in one batch per month, labelled YYYY-MM, in time order."
-    return {f'{y}-{m:02d}': g.reset_index(drop=True) for (y, m), g in df.groupby(['year', 'month'], sort=True)}
+def _label(key) -> str:
+    return '-'.join(f'{v:02d}' if isinstance(v, (int, np.integer)) else str(v) for v in (key if isinstance(key, tuple) else (key,)))
 
-_NUMERIC_INPUTS = [c for c in INPUT_COLUMNS if c not in ('carrier', 'origin', 'dest')]
+def batches_by(df: pd.DataFrame, by: list[str]) -> dict[str, pd.DataFrame]:
+    "Rows of `df` in one batch per value of the `by` columns, in their order (labels like 2013-10), or one batch 'current'."
+    if not by: return {'current': df.reset_index(drop=True)}
+    missing = [c for c in by if c not in df.columns]
+    if missing: raise DataError(f"monitor: 'monitor.batch_by' names column '{missing[0]}', which the data does not have")
+    return {_label(k): g.reset_index(drop=True) for k, g in df.groupby(by if len(by) > 1 else by[0], sort=True)}
 
-def read_prediction_log(folder: str | Path) -> tuple[pd.DataFrame | None, dict]:
+def read_prediction_log(folder: str | Path, spec: DataSpec) -> tuple[pd.DataFrame | None, dict]:
     "The service's prediction log (parquet and jsonl files in `folder`), primary rows only, oldest first; and facts about it."
     folder = Path(folder)
     info = {'path': str(folder), 'present': False, 'files': 0, 'rows': 0, 'shadow_rows_skipped': 0}
@@ -134,12 +132,13 @@ def read_prediction_log(folder: str | Path) -> tuple[pd.DataFrame | None, dict]:
     for f in files:
         try: d = pd.read_parquet(f) if f.suffix == '.parquet' else pd.read_json(f, lines=True, dtype=False)
         except (OSError, ValueError) as e: raise DataError(f"{f}: unreadable prediction log file ({str(e).splitlines()[0]})") from None
-        miss = [c for c in INPUT_COLUMNS if c not in d.columns]
-        if miss: raise DataError(f"{f}: prediction log file lacks column '{miss[0]}'")
+        miss = [c for c in spec.inputs if c not in d.columns]
+        if miss: raise DataError(f"{f}: prediction log file lacks column '{miss[0]}' of the spec (was it written before the column was added?)")
         parts.append(d)
     log = pd.concat(parts, ignore_index=True)
-    for c in _NUMERIC_INPUTS: log[c] = pd.to_numeric(log[c], errors='coerce').astype('float64')
-    for c in ('carrier', 'origin', 'dest'): log[c] = log[c].astype(str).where(log[c].notna())
+    for c in spec.inputs:
+        if c in spec.categorical: log[c] = log[c].astype(str).where(log[c].notna())
+        else: log[c] = pd.to_numeric(log[c], errors='coerce').astype('float64')
     if 'shadow' in log.columns:  # the challenger's scores of the same requests: not new data
         shadow = log['shadow'].fillna(False).astype(bool)
         info['shadow_rows_skipped'] = int(shadow.sum()); log = log[~shadow]
@@ -147,20 +146,28 @@ def read_prediction_log(folder: str | Path) -> tuple[pd.DataFrame | None, dict]:
         log = log.assign(timestamp=pd.to_datetime(log['timestamp'], utc=True, errors='coerce')).sort_values('timestamp', kind='stable')
         if log['timestamp'].notna().any(): info['from'], info['to'] = str(log['timestamp'].min()), str(log['timestamp'].max())
     if 'model_version' in log.columns: info['model_versions'] = sorted(log['model_version'].dropna().astype(str).unique().tolist())
-    info.update(present=True, files=len(files), rows=len(log), labelled=bool(TARGET in log.columns and log[TARGET].notna().any()))
+    info.update(present=True, files=len(files), rows=len(log), labelled=bool(spec.target in log.columns and log[spec.target].notna().any()))
     return log.reset_index(drop=True), info
 
 # %% ../notebooks/lib/11_monitor.ipynb #11cb0974
-def performance(y, p) -> dict:
-    "ROC AUC (None with one class), Brier score, mean prediction, observed rate and their gap (calibration in the large)."
+def performance(y, p, task: str = 'binary') -> dict:
+    "Binary: ROC AUC (None with one class), Brier, mean prediction, observed rate and their gap; regression: RMSE, MAE, means, bias."
     from sklearn.metrics import brier_score_loss, roc_auc_score
+    if task == 'regression':
+        y = np.asarray(y, dtype=float); p = np.asarray(p, dtype=float)
+        return {'rmse': float(np.sqrt(np.mean((p - y)**2))), 'mae': float(np.mean(np.abs(p - y))), 'mean_pred': float(p.mean()),
+                'mean_target': float(y.mean()), 'bias': float(p.mean() - y.mean()), 'n': int(len(y))}
     y = np.asarray(y, dtype=int); p = np.asarray(p, dtype=float)
     auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None
     return {'roc_auc': auc, 'brier': float(brier_score_loss(y, p, labels=[0, 1])), 'mean_pred': float(p.mean()),
             'observed_rate': float(y.mean()), 'calibration_gap': float(p.mean() - y.mean()), 'n': int(len(y))}
 
-def _decay(perf: dict, cfg: dict) -> list[str]:
+def _decay(perf: dict, cfg: dict, ref: dict | None = None) -> list[str]:
     out = []
+    if 'rmse' in perf:
+        if ref and perf['rmse'] > cfg['max_error_ratio']*ref['rmse']:
+            out.append(f"RMSE {perf['rmse']:.3g} > {cfg['max_error_ratio']} x the training period's {ref['rmse']:.3g}")
+        return out
     if perf['roc_auc'] is not None and perf['roc_auc'] < cfg['min_auc']:
         out.append(f"ROC AUC {perf['roc_auc']:.3f} < min_auc {cfg['min_auc']}")
     if abs(perf['calibration_gap']) > cfg['max_calibration_gap']:
@@ -170,8 +177,9 @@ def _decay(perf: dict, cfg: dict) -> list[str]:
 
 _HIST_EDGES = np.linspace(0, 1, 21)
 
-def compare_batch(ref_X: pd.DataFrame, ref_p, X: pd.DataFrame, p, y, numeric: list[str], categorical: list[str], cfg: dict) -> dict:
-    "Drift of one batch (monitored frame `X`, probabilities `p`, labels `y` or None) against the reference; with its verdict."
+def compare_batch(ref_X: pd.DataFrame, ref_p, X: pd.DataFrame, p, y, numeric: list[str], categorical: list[str], cfg: dict,
+                  task: str = 'binary', ref_perf: dict | None = None) -> dict:
+    "Drift of one batch (monitored frame `X`, predictions `p`, labels `y` or None) against the reference; with its verdict."
     n = len(X)
     if n < cfg['min_rows']:
         return {'rows': n, 'status': 'insufficient', 'retrain': False,
@@ -182,14 +190,15 @@ def compare_batch(ref_X: pd.DataFrame, ref_p, X: pd.DataFrame, p, y, numeric: li
     for d in feats.values(): d['drifted'] = is_drifted(d, cfg['psi_threshold'], cfg['p_value'])
     drifted = sorted((c for c, d in feats.items() if d['drifted']), key=lambda c: -feats[c]['psi'])
     pred = numeric_drift(ref_p, p, cfg['n_bins'])
+    edges = _HIST_EDGES if task == 'binary' else np.histogram_bin_edges(np.asarray(ref_p, float)[np.isfinite(ref_p)], 20)
     pred = {k: pred[k] for k in ('psi', 'statistic', 'p_value')} | {
         'drifted': is_drifted(pred, cfg['prediction_psi_threshold'], cfg['p_value']),
         'mean_ref': float(np.nanmean(ref_p)), 'mean': float(np.nanmean(p)),
-        'hist_edges': list(_HIST_EDGES), 'hist_ref': _shares(np.histogram(ref_p, _HIST_EDGES)[0]), 'hist': _shares(np.histogram(p, _HIST_EDGES)[0])}
-    perf = performance(y, p) if y is not None else None
+        'hist_edges': list(edges), 'hist_ref': _shares(np.histogram(ref_p, edges)[0]), 'hist': _shares(np.histogram(p, edges)[0])}
+    perf = performance(y, p, task) if y is not None else None
     reasons = []
-    if pred['drifted']: reasons.append(f"predicted probabilities drifted (PSI {pred['psi']:.3f} >= {cfg['prediction_psi_threshold']})")
-    if perf: reasons += _decay(perf, cfg)
+    if pred['drifted']: reasons.append(f"predictions drifted (PSI {pred['psi']:.3f} >= {cfg['prediction_psi_threshold']})")
+    if perf: reasons += _decay(perf, cfg, ref_perf)
     share = len(drifted)/max(len(feats), 1)
     if drifted and share >= cfg['max_drifted_share']:
         reasons.append(f"{len(drifted)} of {len(feats)} features drifted (share {share:.2f} >= {cfg['max_drifted_share']})")
@@ -213,23 +222,23 @@ def verdict(batches: dict) -> tuple[str, str]:
     if by('ok'): return 'ok', 'No drift beyond the thresholds: nothing to do.'
     return 'insufficient', 'Not enough data in any batch to judge (see min_rows): collect more before deciding.'
 
-def compare(reference: pd.DataFrame, batches: dict[str, pd.DataFrame], model, features: dict, cfg: dict) -> dict:
-    "Drift of every batch (raw input rows, optional `probability` and label columns) against the reference rows."
-    ref_X, numeric, categorical = monitored_frame(reference, features)
-    ref_p = model.predict_proba(reference[INPUT_COLUMNS])[:, 1]
+def compare(reference: pd.DataFrame, batches: dict[str, pd.DataFrame], model, spec: DataSpec, cfg: dict) -> dict:
+    "Drift of every batch (raw input rows, optional score and label columns) against the reference rows."
+    ref_X, numeric, categorical = monitored_frame(reference, spec)
+    ref_p = predict_scores(model, reference[spec.inputs], spec.task)
+    ref_perf = performance(reference[spec.target], ref_p, spec.task) if spec.target in reference.columns else None
     out = {}
     for name, df in batches.items():
-        X = monitored_frame(df, features)[0]
+        X = monitored_frame(df, spec)[0]
         if len(df) < cfg['min_rows']: p = None
-        elif 'probability' in df.columns: p = pd.to_numeric(df['probability'], errors='coerce').to_numpy(dtype=float)
-        else: p = model.predict_proba(df[INPUT_COLUMNS])[:, 1]
-        y = df[TARGET].to_numpy() if TARGET in df.columns and df[TARGET].notna().all() else None
-        out[name] = compare_batch(ref_X, ref_p, X, p, y, numeric, categorical, cfg)
+        elif spec.score_column in df.columns: p = pd.to_numeric(df[spec.score_column], errors='coerce').to_numpy(dtype=float)
+        else: p = predict_scores(model, df[spec.inputs], spec.task)
+        y = df[spec.target].to_numpy() if spec.target in df.columns and df[spec.target].notna().all() else None
+        out[name] = compare_batch(ref_X, ref_p, X, p, y, numeric, categorical, cfg, spec.task, ref_perf)
     v, rec = verdict(out)
-    ref_perf = performance(reference[TARGET], ref_p) if TARGET in reference.columns else None
     return {'verdict': v, 'headline': VERDICTS[v], 'retrain': v == 'retrain', 'recommendation': rec,
             'thresholds': {k: cfg[k] for k in cfg if k != 'prediction_log'},
-            'reference': {'rows': len(reference), 'performance_in_sample': ref_perf, 'features': {'numeric': numeric, 'categorical': categorical}},
+            'task': spec.task, 'reference': {'rows': len(reference), 'performance_in_sample': ref_perf, 'features': {'numeric': numeric, 'categorical': categorical}},
             'batches': out}
 
 # %% ../notebooks/lib/11_monitor.ipynb #5cfbe7ca
@@ -240,17 +249,18 @@ def summary_frame(result: dict) -> pd.DataFrame:
         perf, pred = b.get('performance') or {}, b.get('prediction') or {}
         rows.append({'batch': name, 'source': b.get('source', ''), 'rows': b['rows'], 'status': b['status'],
                      'drifted features': ', '.join(b.get('drifted_features', [])) or '-',
-                     'prediction PSI': pred.get('psi'), 'ROC AUC': perf.get('roc_auc'),
-                     'mean prediction': perf.get('mean_pred', pred.get('mean')), 'observed rate': perf.get('observed_rate'),
+                     'prediction PSI': pred.get('psi'), **({'RMSE': perf.get('rmse')} if 'rmse' in perf else {'ROC AUC': perf.get('roc_auc')}),
+                     'mean prediction': perf.get('mean_pred', pred.get('mean')),
+                     ('mean target' if 'rmse' in perf else 'observed rate'): perf.get('mean_target', perf.get('observed_rate')),
                      'why': b['message']})
     return pd.DataFrame(rows)
 
 def psi_frame(result: dict) -> pd.DataFrame:
-    "PSI of each monitored feature (rows) in each tested batch (columns), the predicted probability first."
+    "PSI of each monitored feature (rows) in each tested batch (columns), the predictions first."
     tested = {k: b for k, b in result['batches'].items() if b['status'] != 'insufficient'}
     feats = result['reference']['features']['numeric'] + result['reference']['features']['categorical']
     data = {k: [b['prediction']['psi']] + [b['features'][f]['psi'] for f in feats] for k, b in tested.items()}
-    return pd.DataFrame(data, index=['(predicted probability)'] + feats)
+    return pd.DataFrame(data, index=['(predictions)'] + feats)
 
 # %% ../notebooks/lib/11_monitor.ipynb #3dd7f5bb
 def _plt():
@@ -285,7 +295,7 @@ def plot_prediction_drift(result: dict):
         e = b['prediction']['hist_edges']
         if i == 0: ax.stairs(b['prediction']['hist_ref'], e, color='k', lw=2.5, label='training period')
         ax.stairs(b['prediction']['hist'], e, lw=1.3, label=f"{k} (PSI {b['prediction']['psi']:.2f})")
-    ax.set(xlabel='predicted probability of a late arrival', ylabel='share of rows', title='Prediction drift')
+    ax.set(xlabel='predicted probability' if result.get('task', 'binary') == 'binary' else 'predicted value', ylabel='share of rows', title='Prediction drift')
     ax.legend(fontsize=8); fig.tight_layout(); return fig
 
 def plot_performance(result: dict):
@@ -293,6 +303,15 @@ def plot_performance(result: dict):
     rows = [(k, b['performance']) for k, b in result['batches'].items() if b.get('performance')]
     if not rows: return None
     plt = _plt(); th = result['thresholds']; x = np.arange(len(rows)); names = [k for k, _ in rows]
+    if 'rmse' in rows[0][1]:  # regression: error against the training period's, mean prediction against the mean target
+        ref = (result['reference'].get('performance_in_sample') or {}).get('rmse')
+        rmse = np.array([p['rmse'] for _, p in rows]); fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+        lim = th['max_error_ratio']*ref if ref else np.inf
+        a1.bar(x, rmse, color=['tab:red' if v > lim else 'tab:blue' for v in rmse], alpha=0.8)
+        if ref: a1.axhline(lim, ls='--', color='k', lw=1, label=f"{th['max_error_ratio']} x training RMSE"); a1.legend(fontsize=8)
+        a1.set_xticks(x, names); a1.set(ylabel='RMSE', title='Error by batch')
+        a2.plot(x, [p['mean_target'] for _, p in rows], 'k-o', label='mean target'); a2.plot(x, [p['mean_pred'] for _, p in rows], 'r--o', label='mean prediction')
+        a2.set_xticks(x, names); a2.set(ylabel='mean', title='Bias by batch'); a2.legend(fontsize=8); fig.tight_layout(); return fig
     auc = np.array([p['roc_auc'] if p['roc_auc'] is not None else np.nan for _, p in rows])
     obs, pred = np.array([p['observed_rate'] for _, p in rows]), np.array([p['mean_pred'] for _, p in rows])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -301,7 +320,7 @@ def plot_performance(result: dict):
     a1.set_xticks(x, names); a1.set(ylim=(0.4, 1.0), ylabel='ROC AUC', title='Discrimination by batch'); a1.legend(fontsize=8)
     gap = th['max_calibration_gap']
     a2.fill_between(x, obs - gap, obs + gap, color='tab:green', alpha=0.15, label=f'observed ± {gap} (calibrated)')
-    a2.plot(x, obs, 'k-o', label='observed late rate'); a2.plot(x, pred, 'r--o', label='mean prediction')
+    a2.plot(x, obs, 'k-o', label='observed rate'); a2.plot(x, pred, 'r--o', label='mean prediction')
     a2.set_xticks(x, names); a2.set(ylim=(0, max(0.5, float(np.nanmax(np.r_[obs, pred])) + 0.1)), ylabel='rate', title='Calibration by batch')
     a2.legend(fontsize=8); fig.tight_layout(); return fig
 
@@ -363,7 +382,7 @@ def render_report(result: dict, plots: dict[str, str | Path] | None = None) -> s
         for f in t.index:
             cells = []
             for k in t.columns:
-                b = result['batches'][k]; d = b['prediction'] if f == '(predicted probability)' else b['features'][f]
+                b = result['batches'][k]; d = b['prediction'] if f == '(predictions)' else b['features'][f]
                 p = '-' if d['p_value'] is None else f"{d['p_value']:.1e}"
                 cells.append(f"<td class=\"{'hit' if d['drifted'] else ''}\">{d['psi']:.3f} <span class=small>p={p}</span></td>")
             rows.append(f'<tr><td>{e(f)}</td>{"".join(cells)}</tr>')
@@ -382,7 +401,7 @@ def render_report(result: dict, plots: dict[str, str | Path] | None = None) -> s
 <h2>Batches</h2><table><tr>{head}</tr>{body}</table>
 <p class=small>A feature drifted when PSI &ge; {th['psi_threshold']} and its two-sample test (KS for numeric, chi-square for
 categorical) gives p &lt; {th['p_value']}; predictions: PSI &ge; {th['prediction_psi_threshold']}. Retraining is recommended for a batch
-when its predictions drift, when ROC AUC &lt; {th['min_auc']} or |mean prediction - observed rate| &gt; {th['max_calibration_gap']} (labelled
+when its predictions drift, when {'ROC AUC &lt; ' + str(th['min_auc']) + ' or |mean prediction - observed rate| &gt; ' + str(th['max_calibration_gap']) if result.get('task', 'binary') == 'binary' else 'RMSE &gt; ' + str(th['max_error_ratio']) + ' x the training period&#39;s'} (labelled
 batches), or when at least {th['max_drifted_share']:.0%} of the features drifted. Batches under {th['min_rows']} rows are not tested.
 Statistics: scipy.stats and a PSI on fixed reference bins (see the README, section Monitoring).</p>
 <h2>Plots</h2>{imgs}
@@ -415,7 +434,8 @@ def log_monitoring(result: dict, files: dict, tracking: dict, monitor: dict, roo
         for k, b in result['batches'].items():
             if b['status'] == 'insufficient': continue
             vals = {'prediction_psi': b['prediction']['psi'], 'drifted_share': b['drifted_share']}
-            if b.get('performance'): vals |= {'roc_auc': b['performance']['roc_auc'], 'calibration_gap': b['performance']['calibration_gap']}
+            perf = b.get('performance') or {}
+            vals |= {k: perf[k] for k in ('roc_auc', 'calibration_gap', 'rmse', 'bias') if k in perf}
             ms += [Metric(f'{m}/{k}', float(v), ts, 0) for m, v in vals.items() if v is not None]
         for i in range(0, len(ms), 500): client.log_batch(rid, metrics=ms[i:i+500])
         trk.log_files(rid, [files['drift']], 'monitoring')
@@ -427,10 +447,11 @@ def log_monitoring(result: dict, files: dict, tracking: dict, monitor: dict, roo
     trk.finish_run(rid, 'FINISHED')
     return rid
 
-def run_monitor(upstream: dict, product: dict, monitor: dict, features: dict, tracking: dict,
+def run_monitor(upstream: dict, product: dict, monitor: dict, table: dict, tracking: dict, split: dict | None = None,
                 log: str | Path | None = None, to_mlflow: bool = True, root: Path | None = None) -> dict:
-    "Monitor a build: compare its later months and the prediction log with its training period; write and log the products."
-    cfg = monitor_settings(monitor); root = Path(root or project_root())
+    "Monitor a build: compare its later data and the prediction log with its training period; write and log the products."
+    cfg = monitor_settings(monitor); root = Path(root or project_root()); spec = DataSpec.from_params({'table': table})
+    by = cfg['batch_by'] or ([split['by']] if split and split.get('by') else [])
     from nbs_lib import tracking as trk
     ref_path = _need(_path(upstream['features']['train'], root), 'training data')
     cur_path = _need(_path(upstream['features']['test'], root), 'later months')
@@ -438,11 +459,11 @@ def run_monitor(upstream: dict, product: dict, monitor: dict, features: dict, tr
     trk.setup_tracking({'tracking': tracking}, root)
     model = trk.load_model(run['model_uri'])
     reference, current = pd.read_parquet(ref_path), pd.read_parquet(cur_path)
-    batches = month_batches(current)
-    log_df, log_info = read_prediction_log(_path(log or cfg['prediction_log'], root))
+    batches = batches_by(current, by)
+    log_df, log_info = read_prediction_log(_path(log or cfg['prediction_log'], root), spec)
     if log_df is not None: batches['serving'] = log_df
-    result = compare(reference, batches, model, features, cfg)
-    for k, b in result['batches'].items(): b['source'] = 'prediction log' if k == 'serving' else 'later month'
+    result = compare(reference, batches, model, spec, cfg)
+    for k, b in result['batches'].items(): b['source'] = 'prediction log' if k == 'serving' else 'later data'
     result = {'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'), **result,
               'model_uri': run['model_uri'], 'build_run_id': run.get('run_id'),
               'sources': {'reference': str(ref_path), 'current': str(cur_path), 'prediction_log': log_info},
@@ -493,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e: raise UserError(f"pipeline.yaml: cannot render the task 'monitor' ({str(e).strip().splitlines()[0]})") from None
     product = dict(d['product'])
     if args.out: product |= {'drift': Path(args.out).resolve()/'drift.json', 'report': Path(args.out).resolve()/'report'}
-    result = run_monitor(d['upstream'], product, d['monitor'], d['features'], d['tracking'],
+    result = run_monitor(d['upstream'], product, d['monitor'], d['table'], d['tracking'], d.get('split'),
                          log=Path(args.log).resolve() if args.log else None, to_mlflow=not args.no_mlflow, root=root)
     print(summary_text(result))
     print(f"report: {_path(product['report'], root)/'index.html'}\ndrift.json: {_path(product['drift'], root)}")

@@ -12,92 +12,69 @@ from typing import Annotated, Any
 import numpy as np
 import pandas as pd
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
-from .config import DataError, ParamsError, UserError, get, load_params, project_root
-from .features import INPUT_COLUMNS, WEATHER_COLUMNS, derive_time_features, time_features
+from .config import DataError, UserError, load_params, project_root, stage
+from .data import DataSpec
+from .models import derive_function, derived_frame
 
 # %% auto #0
-__all__ = ['FIELDS', 'DTYPES', 'LOG_COLUMNS', 'ALIASES', 'KEY_METRICS', 'ENGINES', 'serve_params', 'FieldSpec', 'check_fields',
-           'FlightBase', 'flight_model', 'request_type', 'check_frame', 'records_frame', 'fitted_categories',
-           'compile_pipeline', 'Scorer', 'log_schema', 'log_frame', 'PredictionLog', 'read_prediction_log',
+__all__ = ['DTYPES', 'ALIASES', 'KEY_METRICS', 'ENGINES', 'serve_params', 'FieldSpec', 'fields', 'RecordBase', 'record_model',
+           'request_type', 'check_frame', 'records_frame', 'fitted_categories', 'compile_pipeline', 'Scorer',
+           'log_schema', 'log_columns', 'log_frame', 'PredictionLog', 'read_prediction_log', 'bentofile',
            'bento_model_name', 'bentoml_home', 'resolve_alias', 'import_alias', 'ServiceConfig', 'service_config',
-           'Prediction', 'Runtime', 'MultipartCheck', 'start_server', 'wait_ready', 'free_port', 'json_records',
+           'prediction_model', 'Runtime', 'MultipartCheck', 'start_server', 'wait_ready', 'free_port', 'json_records',
            'stop_server', 'container_engine', 'build_bento', 'dockerfile', 'main']
 
 # %% ../notebooks/lib/10_serving.ipynb #714ec471
 def serve_params(p: dict) -> dict:
-    "The `serve:` stage of params `p`, checked (ParamsError naming the key), threshold resolved."
-    s = p.get('serve')
-    if not isinstance(s, dict): raise ParamsError("params.yaml: missing or empty stage 'serve'")
-    g = lambda k, *a, **kw: get(s, k, *a, prefix='serve', **kw)
-    out = {'bentoml_home': g('bentoml_home', str), 'prediction_log': g('prediction_log', str),
-           'host': g('host', str), 'port': g('port', int, lo=1, hi=65535), 'workers': g('workers', int, lo=1, hi=64),
-           'max_batch': g('max_batch', int, lo=1), 'max_file_rows': g('max_file_rows', int, lo=1),
-           'batching': g('batching.enabled', bool), 'max_batch_size': g('batching.max_batch_size', int, lo=2),
-           'max_latency_ms': g('batching.max_latency_ms', int, lo=1),
-           'log_flush_rows': g('log_flush_rows', int, lo=1), 'log_flush_seconds': g('log_flush_seconds', float, lo=0.01),
-           'shadow': g('shadow', bool), 'timeout_s': g('timeout_s', int, lo=1)}
-    th = s.get('threshold')
-    out['threshold'] = get(p, 'evaluate.threshold', float, lo=0.0, hi=1.0) if th is None else g('threshold', float, lo=0.0, hi=1.0)
-    out['model_name'] = get(p, 'registry.model_name', str)
-    if out['batching'] and out['max_batch_size'] < out['max_batch']:
-        raise ParamsError(f"params.yaml: 'serve.batching.max_batch_size' ({out['max_batch_size']}) must be >= 'serve.max_batch' ({out['max_batch']}): a request is never split")
+    "The `serve:` stage of params `p` checked (config.Serve), flattened for the service, threshold and task resolved."
+    s = stage(p, 'serve'); b = s.pop('batching')
+    out = {**s, 'batching': b['enabled'], 'max_batch_size': b['max_batch_size'], 'max_latency_ms': b['max_latency_ms']}
+    out['task'] = stage(p, 'table')['target']['task']
+    out['threshold'] = stage(p, 'evaluate')['threshold'] if s['threshold'] is None else s['threshold']
+    out['model_name'] = stage(p, 'registry')['model_name']
     return out
 
 # %% ../notebooks/lib/10_serving.ipynb #2b468de9
 @dataclass(frozen=True)
 class FieldSpec:
-    "An input column: kind ('int', 'hhmm', 'float', 'category'), bounds (`gt`: lower bound exclusive), nullable, doc."
+    "An input column: kind ('int', 'hhmm', 'float', 'category'), bounds (`gt`: lower bound exclusive), nullable, doc, known values."
     kind: str
     lo: float | None = None
     hi: float | None = None
     nullable: bool = False
     doc: str = ''
     gt: bool = False
+    categories: tuple | None = None
 
-FIELDS = {
-    'year': FieldSpec('int', 1970, 2100, doc='scheduled year'),
-    'month': FieldSpec('int', 1, 12, doc='scheduled month, 1-12'),
-    'day': FieldSpec('int', 1, 31, doc='scheduled day of the month (checked against year and month)'),
-    'sched_dep_time': FieldSpec('hhmm', 0, 2359, doc='scheduled local departure time as hhmm, e.g. 1445'),
-    'sched_arr_time': FieldSpec('hhmm', 0, 2359, doc='scheduled local arrival time as hhmm'),
-    'carrier': FieldSpec('category', doc='carrier code'),
-    'origin': FieldSpec('category', doc='origin airport code'),
-    'dest': FieldSpec('category', doc='destination airport code'),
-    'distance': FieldSpec('float', 0, 20000, gt=True, doc='distance between the airports, miles'),
-    'temp': FieldSpec('float', -80, 140, True, 'origin temperature at the scheduled hour, F'),
-    'dewp': FieldSpec('float', -80, 140, True, 'origin dew point, F'),
-    'humid': FieldSpec('float', 0, 100, True, 'origin relative humidity, %'),
-    'wind_dir': FieldSpec('float', 0, 360, True, 'origin wind direction, degrees'),
-    'wind_speed': FieldSpec('float', 0, 250, True, 'origin wind speed, mph'),
-    'wind_gust': FieldSpec('float', 0, 300, True, 'origin wind gust speed, mph'),
-    'precip': FieldSpec('float', 0, 50, True, 'origin precipitation, inches'),
-    'pressure': FieldSpec('float', 850, 1100, True, 'origin sea level pressure, millibars'),
-    'visib': FieldSpec('float', 0, 100, True, 'origin visibility, miles'),
-}
 DTYPES = {'int': 'int64', 'hhmm': 'int64', 'float': 'float64', 'category': 'str'}
 
-def check_fields(columns: list[str] = INPUT_COLUMNS) -> None:
-    "Raise UserError unless FIELDS describes exactly `columns` (the training columns), with weather nullable."
-    if list(FIELDS) != list(columns):
-        raise UserError(f"serving schema out of date: FIELDS has {list(FIELDS)}, the model takes {list(columns)}: update nbs_lib.serving.FIELDS")
-    bad = [c for c, f in FIELDS.items() if f.nullable != (c in WEATHER_COLUMNS)]
-    if bad: raise UserError(f"serving schema: only weather columns may be null, check {bad}")
+def fields(spec: DataSpec) -> dict[str, FieldSpec]:
+    "The request schema of the spec's input columns, in order."
+    out = {}
+    for c, cs in spec.columns.items():
+        lo, hi = cs['range'] or (None, None)
+        kind = 'float' if cs['nullable'] and cs['dtype'] in ('int', 'hhmm') else cs['dtype']  # a missing int travels as a float
+        out[c] = FieldSpec(kind, lo, hi, cs['nullable'], cs['doc'], cs['gt'], tuple(cs['categories']) if cs['categories'] else None)
+    return out
 
 # %% ../notebooks/lib/10_serving.ipynb #9834708c
 def _hhmm(v: int) -> int:
     if v % 100 > 59: raise ValueError(f'{v} is not a valid hhmm time: minutes must be 00-59')
     return v
 
-class FlightBase(BaseModel):
-    "Base of the generated record model: no unknown keys, a valid calendar date, request id and time stamped."
+class RecordBase(BaseModel):
+    "Base of the generated record model: no unknown keys, the spec's date parts a calendar date, request id and time stamped."
     model_config = ConfigDict(extra='forbid')
     _request_id: str | None = PrivateAttr(default=None)
     _received: float | None = PrivateAttr(default=None)
+    _date_parts = None  # (year, month, day) column names, set by record_model from the spec
 
     @model_validator(mode='after')
     def _valid_date(self):
-        try: dt.date(self.year, self.month, self.day)
-        except ValueError: raise ValueError(f'day {self.day} does not exist in {self.year}-{self.month:02d}') from None
+        if self._date_parts:
+            y, m, d = (getattr(self, c) for c in self._date_parts)
+            try: dt.date(y, m, d)
+            except ValueError: raise ValueError(f'{self._date_parts[2]} {d} does not exist in {y}-{m:02d}') from None
         return self
 
 def _pyfield(name: str, f: FieldSpec, categories: dict) -> tuple:
@@ -109,19 +86,21 @@ def _pyfield(name: str, f: FieldSpec, categories: dict) -> tuple:
     elif f.kind == 'float':
         typ = Annotated[float, Field(strict=True, allow_inf_nan=False, description=f.doc, **bounds)]
         if f.nullable: typ = typ | None
+    elif f.kind == 'category' and f.nullable:
+        typ = Annotated[str, Field(strict=True, min_length=1, max_length=64, description=f.doc)] | None
+        return (typ, ...)
     else:
-        known = categories.get(name) or []
+        known = categories.get(name) or list(f.categories or [])
         doc = f"{f.doc}; known: {', '.join(known)}; others are scored as unknown" if known else f.doc
         typ = Annotated[str, Field(strict=True, min_length=1, max_length=64, description=doc)]
     return (typ, ...)
 
-def flight_model(categories: dict | None = None, example: dict | None = None) -> type[BaseModel]:
-    "Pydantic model of one flight record, generated from FIELDS, with known categories and an example in its schema."
-    check_fields()
+def record_model(spec: DataSpec, categories: dict | None = None, example: dict | None = None, name: str = 'Record') -> type[BaseModel]:
+    "Pydantic model of one input record, generated from the spec, with known categories and an example in its schema."
     cfg = ConfigDict(extra='forbid', json_schema_extra={'example': example} if example else None)
-    base = type('FlightRecord', (FlightBase,), {'model_config': cfg, '__module__': __name__})
-    fields = {n: _pyfield(n, f, categories or {}) for n, f in FIELDS.items()}
-    return create_model('Flight', __base__=base, __doc__='One scheduled flight with the origin weather at its scheduled hour.', **fields)
+    base = type(f'{name}Base', (RecordBase,), {'model_config': cfg, '__module__': __name__, '_date_parts': tuple(spec.date) if spec.date else None})
+    fs = {n: _pyfield(n, f, categories or {}) for n, f in fields(spec).items()}
+    return create_model(name, __base__=base, __doc__=f'One input record: the columns {", ".join(spec.inputs)}.', **fs)
 
 def _stamp(records: list) -> list:
     rid, now = uuid.uuid4().hex, time.time()
@@ -130,7 +109,7 @@ def _stamp(records: list) -> list:
 
 def request_type(record: type[BaseModel], max_batch: int):
     "Type of a request's list of records: 1 to `max_batch` of them, stamped with one request id and time."
-    return Annotated[list[record], Field(min_length=1, max_length=max_batch, description=f'1 to {max_batch} flights'),
+    return Annotated[list[record], Field(min_length=1, max_length=max_batch, description=f'1 to {max_batch} records'),
                      AfterValidator(_stamp)]
 
 # %% ../notebooks/lib/10_serving.ipynb #b15d7937
@@ -139,8 +118,9 @@ def _first(mask: pd.Series, values: pd.Series) -> str:
     v = values.iloc[i]; v = v.item() if hasattr(v, 'item') else v
     return f"{n} row{'s' if n > 1 else ''} (first at row {i}: {v!r})"
 
-def check_frame(df: pd.DataFrame, max_rows: int | None = None) -> pd.DataFrame:
-    "The input columns of `df` with the training dtypes; DataError naming the first column that breaks FIELDS."
+def check_frame(df: pd.DataFrame, spec: DataSpec, max_rows: int | None = None) -> pd.DataFrame:
+    "The input columns of `df` with the training dtypes; DataError naming the first column that breaks the spec."
+    FIELDS = fields(spec)
     missing = [c for c in FIELDS if c not in df.columns]
     if missing: raise DataError(f"missing columns {missing} (a file needs the columns {list(FIELDS)})")
     if len(df) == 0: raise DataError('the file has no rows')
@@ -149,17 +129,18 @@ def check_frame(df: pd.DataFrame, max_rows: int | None = None) -> pd.DataFrame:
     for c, f in FIELDS.items():
         v = df[c]
         if f.kind == 'category':
-            bad = v.isna() | (v.astype(str).str.len() == 0)
+            bad = (v.astype(str).str.len() == 0) if f.nullable else (v.isna() | (v.astype(str).str.len() == 0))
             if bad.any(): raise DataError(f"column '{c}': empty or null in {_first(bad, v)}")
-            out[c] = v.astype(str); continue
+            out[c] = v.astype(str).where(v.notna()) if f.nullable else v.astype(str); continue
         x = pd.to_numeric(v, errors='coerce').astype('float64')
         bad = x.isna() & v.notna()
         if bad.any(): raise DataError(f"column '{c}': not a number in {_first(bad, v)}")
         if not f.nullable and x.isna().any(): raise DataError(f"column '{c}': null in {_first(x.isna(), v)}")
         if np.isinf(x).any(): raise DataError(f"column '{c}': infinite in {_first(pd.Series(np.isinf(x)), v)}")
-        lo_bad = (x <= f.lo) if f.gt else (x < f.lo)
-        bad = (lo_bad | (x > f.hi)) & x.notna()
-        if bad.any(): raise DataError(f"column '{c}': outside {'(' if f.gt else '['}{f.lo}, {f.hi}] in {_first(bad, v)}")
+        if f.lo is not None:
+            lo_bad = (x <= f.lo) if f.gt else (x < f.lo)
+            bad = (lo_bad | (x > f.hi)) & x.notna()
+            if bad.any(): raise DataError(f"column '{c}': outside {'(' if f.gt else '['}{f.lo:g}, {f.hi:g}] in {_first(bad, v)}")
         if f.kind in ('int', 'hhmm'):
             bad = x != np.floor(x)
             if bad.any(): raise DataError(f"column '{c}': not an integer in {_first(bad, v)}")
@@ -167,12 +148,14 @@ def check_frame(df: pd.DataFrame, max_rows: int | None = None) -> pd.DataFrame:
                 raise DataError(f"column '{c}': not a valid hhmm time (minutes 00-59) in {_first(bad, v)}")
         out[c] = x.astype(DTYPES[f.kind])
     X = pd.DataFrame(out, index=df.index).reset_index(drop=True)
-    dates = pd.to_datetime(dict(year=X['year'], month=X['month'], day=X['day']), errors='coerce')
-    if dates.isna().any(): raise DataError(f"column 'day': not a day of its year and month in {_first(dates.isna(), X['day'])}")
+    if spec.date:
+        y, m, d = spec.date
+        dates = pd.to_datetime(dict(year=X[y], month=X[m], day=X[d]), errors='coerce')
+        if dates.isna().any(): raise DataError(f"column '{d}': not a day of its {y} and {m} in {_first(dates.isna(), X[d])}")
     return X
 
-def records_frame(records: list) -> pd.DataFrame:
-    "Validated records (pydantic models or dicts) as a frame of the input columns with the training dtypes."
+def records_frame(records: list, FIELDS: dict[str, FieldSpec]) -> pd.DataFrame:
+    "Validated records (pydantic models or dicts) as a frame of the input columns (the `fields`) with the training dtypes."
     rows = [r if isinstance(r, dict) else r.__dict__ for r in records]
     cols = {}
     for c, f in FIELDS.items():
@@ -197,13 +180,15 @@ def fitted_categories(model) -> dict[str, list[str]]:
             for c, cats in zip(cols, enc.categories_): out[c] = _strings(cats).tolist()
     return out
 
-def compile_pipeline(model):
-    "`X -> probability` on numpy arrays for a pipeline of make_model's shape with ordinal categories, else None."
+def compile_pipeline(model, task: str = 'binary'):
+    "`X -> score` on numpy arrays for a pipeline of make_model's shape with ordinal categories, else None."
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer, OrdinalEncoder
-    if not isinstance(model, Pipeline) or [n for n, _ in model.steps] != ['time', 'prep', 'model']: return None
-    time_step, prep, est = (s for _, s in model.steps)
-    if not (isinstance(time_step, FunctionTransformer) and time_step.func is derive_time_features and not time_step.kw_args): return None
+    if not isinstance(model, Pipeline) or [n for n, _ in model.steps] != ['derive', 'prep', 'model']: return None
+    derive_step, prep, est = (s for _, s in model.steps)
+    if not (isinstance(derive_step, FunctionTransformer) and derive_step.func is derived_frame): return None
+    fn = (derive_step.kw_args or {}).get('function')
+    derive = derive_function(fn) if fn else (lambda X: {})
     if getattr(est, 'feature_names_in_', None) is not None or getattr(prep, 'sparse_output_', True): return None
     nan = lambda v: isinstance(v, float) and np.isnan(v)
     blocks, width = [], 0  # (first output column, input columns, category indexes or None for pass-through)
@@ -220,7 +205,7 @@ def compile_pipeline(model):
         width += len(cols)
 
     def probability(X: pd.DataFrame) -> np.ndarray:
-        derived = time_features(X)
+        derived = derive(X)
         Z = np.empty((len(X), width))
         for start, cols, index in blocks:
             for k, col in enumerate(cols):
@@ -228,28 +213,33 @@ def compile_pipeline(model):
                 else:
                     code = index[k].get_indexer(X[col].to_numpy(dtype=object))
                     Z[:, start + k] = np.where(code >= 0, code, np.nan)  # unknown or missing: NaN, as the encoder
-        return est.predict_proba(Z)[:, 1]
+        return est.predict_proba(Z)[:, 1] if task == 'binary' else est.predict(Z).astype('float64')
     return probability
 
 class Scorer:
-    "A loaded model version: probability, decision at `threshold`, unknown categories of each row of a frame."
-    def __init__(self, model, version: str, threshold: float, categories: dict | None = None):
-        names = list(getattr(model, 'feature_names_in_', INPUT_COLUMNS))
-        if names != INPUT_COLUMNS: raise UserError(f"model version {version} takes columns {names}, the service sends {INPUT_COLUMNS}")
-        self.model, self.version, self.threshold = model, str(version), float(threshold)
+    "A loaded model version: its score (probability, or value for regression), decision at `threshold`, unknown categories of each row."
+    def __init__(self, model, version: str, threshold: float, categories: dict | None = None, inputs: list[str] | None = None,
+                 task: str = 'binary'):
+        names = list(getattr(model, 'feature_names_in_', inputs or []))
+        if inputs is not None and names != inputs: raise UserError(f"model version {version} takes columns {names}, the service sends {inputs}")
+        self.model, self.version, self.threshold, self.inputs, self.task = model, str(version), float(threshold), names, task
         self.categories = categories if categories is not None else fitted_categories(model)
         self._known = {c: set(v) for c, v in self.categories.items() if v}
         self._index = {c: _strings(sorted(k)) for c, k in self._known.items()}  # unique values: an index lookup needs them
-        self.fast = compile_pipeline(model)
+        self.fast = compile_pipeline(model, task)
+
+    def _slow(self, X: pd.DataFrame) -> np.ndarray:
+        X = X[self.inputs]
+        return self.model.predict_proba(X)[:, 1] if self.task == 'binary' else np.asarray(self.model.predict(X), dtype='float64')
 
     def probability(self, X: pd.DataFrame) -> np.ndarray:
-        "Probability of a late arrival for each row (by the compiled pipeline when there is one)."
-        return self.fast(X) if self.fast is not None else self.model.predict_proba(X[INPUT_COLUMNS])[:, 1]
+        "The score of each row: probability of the positive class, or the value (by the compiled pipeline when there is one)."
+        return self.fast(X) if self.fast is not None else self._slow(X)
 
     def check_fast(self, X: pd.DataFrame) -> bool:
         "Whether the compiled pipeline gives the pipeline's own probabilities on `X`; if not, stop using it (and log why)."
         if self.fast is None: return False
-        want, got = self.model.predict_proba(X[INPUT_COLUMNS])[:, 1], self.fast(X)
+        want, got = self._slow(X), self.fast(X)
         if not np.array_equal(want, got):
             logging.getLogger(__name__).warning('model version %s: the compiled pipeline differs by %g; scoring with the pipeline',
                                                 self.version, float(np.nanmax(np.abs(want - got))))
@@ -266,20 +256,23 @@ class Scorer:
         return [[c for c, f in flags.items() if f[i]] for i in range(len(X))]
 
 # %% ../notebooks/lib/10_serving.ipynb #0cbe3b48
-LOG_COLUMNS = INPUT_COLUMNS + ['probability', 'decision', 'model_version', 'timestamp', 'request_id', 'shadow']
-
-def log_schema():
+def log_schema(spec: DataSpec):
     "The pyarrow schema of the prediction log (the same in every file, even when a column is all null)."
     import pyarrow as pa
     t = {'int64': pa.int64(), 'float64': pa.float64(), 'str': pa.string()}
-    return pa.schema([(c, t[DTYPES[f.kind]]) for c, f in FIELDS.items()] +
-                     [('probability', pa.float64()), ('decision', pa.bool_()), ('model_version', pa.string()),
-                      ('timestamp', pa.timestamp('us', tz='UTC')), ('request_id', pa.string()), ('shadow', pa.bool_())])
+    answer = [(spec.score_column, pa.float64())] + ([('decision', pa.bool_())] if spec.task == 'binary' else [])
+    return pa.schema([(c, t[DTYPES[f.kind]]) for c, f in fields(spec).items()] + answer +
+                     [('model_version', pa.string()), ('timestamp', pa.timestamp('us', tz='UTC')), ('request_id', pa.string()), ('shadow', pa.bool_())])
 
-def log_frame(X: pd.DataFrame, probability, decision, version: str, request_ids, received, shadow: bool = False) -> pd.DataFrame:
+def log_columns(spec: DataSpec) -> list[str]:
+    "The columns of the prediction log, in order."
+    return log_schema(spec).names
+
+def log_frame(X: pd.DataFrame, spec: DataSpec, score, decision, version: str, request_ids, received, shadow: bool = False) -> pd.DataFrame:
     "Rows of the prediction log for the records of `X` and their scores."
-    out = X[INPUT_COLUMNS].reset_index(drop=True).copy()
-    out['probability'] = np.asarray(probability, dtype='float64'); out['decision'] = np.asarray(decision, dtype=bool)
+    out = X[spec.inputs].reset_index(drop=True).copy()
+    out[spec.score_column] = np.asarray(score, dtype='float64')
+    if spec.task == 'binary': out['decision'] = np.asarray(decision, dtype=bool)
     out['model_version'] = str(version)
     out['timestamp'] = pd.to_datetime(np.round(np.asarray(received, dtype='float64') * 1e6).astype('int64'), unit='us', utc=True)
     out['request_id'] = list(request_ids); out['shadow'] = bool(shadow)
@@ -287,8 +280,8 @@ def log_frame(X: pd.DataFrame, probability, decision, version: str, request_ids,
 
 class PredictionLog:
     "Buffered, process-safe parquet log: this process's rows go to its own files, each written atomically."
-    def __init__(self, folder: str | Path, flush_rows: int = 1000, flush_seconds: float = 2.0):
-        self.folder = Path(folder); self.folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder: str | Path, spec: DataSpec, flush_rows: int = 1000, flush_seconds: float = 2.0):
+        self.folder = Path(folder); self.folder.mkdir(parents=True, exist_ok=True); self.spec = spec
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self._buf, self._n, self._seq, self._lock = [], 0, 0, threading.Lock()
         self._stop, self._full = threading.Event(), threading.Event()
@@ -306,12 +299,13 @@ class PredictionLog:
         with self._lock:
             if not self._buf: return None
             buf, self._buf, self._n = self._buf, [], 0
-            df = pd.concat([log_frame(*b) for b in buf], ignore_index=True)
+            df = pd.concat([log_frame(b[0], self.spec, *b[1:]) for b in buf], ignore_index=True)
             self._seq += 1; seq = self._seq
             stamp = dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')
             path = self.folder/f'predictions-{stamp}-{os.getpid()}-{seq:06d}.parquet'
             tmp = self.folder/f'.{path.name}.tmp'
-            pq.write_table(pa.Table.from_pandas(df[LOG_COLUMNS], schema=log_schema(), preserve_index=False), tmp)
+            schema = log_schema(self.spec)
+            pq.write_table(pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False), tmp)
             os.replace(tmp, path)
         return path
 
@@ -325,17 +319,26 @@ class PredictionLog:
         "Stop the writer thread and write what is buffered."
         self._stop.set(); self._full.set(); self._thread.join(timeout=10); self.flush()
 
-def read_prediction_log(folder: str | Path) -> pd.DataFrame:
-    "Every row of the prediction log under `folder`, oldest first (an empty frame with LOG_COLUMNS when there is none)."
-    files = sorted(Path(folder).glob('predictions-*.parquet'))
-    if not files: return pd.DataFrame({c: pd.Series(dtype=t.to_pandas_dtype()) for c, t in zip(log_schema().names, log_schema().types)})
+def read_prediction_log(folder: str | Path, spec: DataSpec) -> pd.DataFrame:
+    "Every row of the prediction log under `folder`, oldest first (an empty frame with the log's columns when there is none)."
+    files = sorted(Path(folder).glob('predictions-*.parquet')); schema = log_schema(spec)
+    if not files: return pd.DataFrame({c: pd.Series(dtype=t.to_pandas_dtype()) for c, t in zip(schema.names, schema.types)})
     import pyarrow.parquet as pq, pyarrow as pa
-    df = pa.concat_tables([pq.read_table(f, schema=log_schema()) for f in files]).to_pandas()
+    df = pa.concat_tables([pq.read_table(f, schema=schema) for f in files]).to_pandas()
     return df.sort_values('timestamp', kind='stable').reset_index(drop=True)
 
 # %% ../notebooks/lib/10_serving.ipynb #7639ff54
 ALIASES = ('champion', 'challenger')
 KEY_METRICS = ('test_roc_auc', 'test_log_loss', 'test_brier', 'test_f1', 'test_accuracy')
+
+def bentofile(root: Path) -> dict:
+    "bentofile.yaml of the project at `root` (the service target and the Bento's name live there only)."
+    import yaml
+    f = Path(root)/'bentofile.yaml'
+    try: b = yaml.safe_load(f.read_text())
+    except (OSError, yaml.YAMLError) as e: raise UserError(f"{f}: cannot be read ({type(e).__name__}): see the README, section Serving") from None
+    if not isinstance(b, dict) or not b.get('service') or not b.get('name'): raise UserError(f"{f}: needs 'service' (module:Class) and 'name'")
+    return b
 
 def bento_model_name(model_name: str, alias: str) -> str:
     "BentoML model name for a registry alias: lower case, characters BentoML accepts."
@@ -347,13 +350,14 @@ def bentoml_home(s: dict, root: Path) -> Path:
     os.environ['BENTOML_HOME'] = str(home)
     return home
 
-def _example(mlflow_dir: Path) -> dict | None:
+def _example(mlflow_dir: Path, spec: DataSpec) -> dict | None:
     from mlflow.models import Model
     try: ex = Model.load(str(mlflow_dir)).load_input_example(str(mlflow_dir))
     except Exception: return None
     if not isinstance(ex, pd.DataFrame) or not len(ex): return None
-    row = ex.iloc[0]
-    return {c: (None if pd.isna(row[c]) else (row[c].item() if hasattr(row[c], 'item') else row[c])) for c in INPUT_COLUMNS if c in row}
+    row, kinds = ex.iloc[0], {c: f.kind for c, f in fields(spec).items()}
+    cast = {'int': int, 'hhmm': int, 'float': float, 'category': str}  # the schema's own types: an int example stays an int
+    return {c: (None if pd.isna(row[c]) else cast[kinds[c]](row[c].item() if hasattr(row[c], 'item') else row[c])) for c in spec.inputs if c in row}
 
 def resolve_alias(p: dict, alias: str, root: Path | None = None):
     "The MLflow ModelVersion behind `models:/<registry.model_name>@<alias>`; UserError when there is none."
@@ -361,7 +365,7 @@ def resolve_alias(p: dict, alias: str, root: Path | None = None):
     from mlflow.tracking import MlflowClient
     from nbs_lib.config import tracking_uri
     from nbs_lib.tracking import setup_tracking
-    root = Path(root or project_root()); name = get(p, 'registry.model_name', str)
+    root = Path(root or project_root()); name = stage(p, 'registry')['model_name']
     setup_tracking(p, root)
     try: return MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -374,7 +378,7 @@ def _same(m, mv, name: str) -> bool:
 
 def import_alias(p: dict, alias: str = 'champion', root: Path | None = None):
     "Import the version behind `alias` into the BentoML store (once); returns the stored bentoml Model."
-    root = Path(root or project_root()); s = serve_params(p); bentoml_home(s, root)
+    root = Path(root or project_root()); s = serve_params(p); bentoml_home(s, root); spec = DataSpec.from_params(p)
     mv = resolve_alias(p, alias, root)
     import bentoml
     from bentoml.exceptions import NotFound
@@ -395,9 +399,9 @@ def import_alias(p: dict, alias: str = 'champion', root: Path | None = None):
         local = download_artifacts(artifact_uri=uri, dst_path=tmp)
         model = load_model(local)  # loads as the service will: fails here, not at serving time
         names = list(getattr(model, 'feature_names_in_', []))
-        if names != INPUT_COLUMNS: raise UserError(f"{uri} takes columns {names}; the service schema expects {INPUT_COLUMNS}")
-        ex = _example(Path(local))  # BentoML metadata holds no None: the example goes in as JSON text
-        meta = {'categories': fitted_categories(model), 'input_columns': INPUT_COLUMNS, 'example': json.dumps(ex) if ex else None}
+        if names != spec.inputs: raise UserError(f"{uri} takes columns {names}; the spec's table.columns are {spec.inputs}: rebuild (`make pipeline`) and register again")
+        ex = _example(Path(local), spec)  # BentoML metadata holds no None: the example goes in as JSON text
+        meta = {'categories': fitted_categories(model), 'input_columns': spec.inputs, 'task': spec.task, 'example': json.dumps(ex) if ex else None}
     bm = bentoml.mlflow.import_model(bname, uri, labels=labels, signatures={'predict': {'batchable': True}},
                                      metadata={k: v for k, v in meta.items() if v is not None})
     return bentoml.models.get(bm.tag)
@@ -408,6 +412,7 @@ class ServiceConfig:
     "What service.py needs at import: the `serve:` params, stored model tags, known categories and an example."
     root: Path
     s: dict
+    spec: DataSpec
     champion: Any
     challenger: Any = None
 
@@ -438,41 +443,48 @@ def service_config(root: str | Path) -> ServiceConfig:
     if s['shadow']:
         chall = _stored(bento_model_name(s['model_name'], 'challenger'))
         if chall is None: raise UserError(f"serve.shadow is true but no challenger is in the BentoML store {home}: run `make bento` or `make serve`")
-    return ServiceConfig(root, s, champ, chall)
+    return ServiceConfig(root, s, DataSpec.from_params(p), champ, chall)
 
-class Prediction(BaseModel):
-    "The model's answer for one flight."
-    probability: float = Field(description='probability that the flight arrives late')
-    decision: bool = Field(description='probability >= the serving threshold: predicted late')
-    model_version: str = Field(description='registered MLflow model version that scored it')
-    request_id: str = Field(description='id of the request, also in the prediction log')
-    unknown_categories: list[str] = Field(default_factory=list, description='categorical fields whose value the model did not see in training (scored as unknown)')
+def prediction_model(spec: DataSpec) -> type[BaseModel]:
+    "The model's answer for one record: probability and decision (binary) or the predicted value (regression), version, request id."
+    common = {'model_version': (str, Field(description='registered MLflow model version that scored it')),
+              'request_id': (str, Field(description='id of the request, also in the prediction log')),
+              'unknown_categories': (list[str], Field(default_factory=list, description='categorical fields whose value the model did not see in training (scored as unknown)'))}
+    if spec.task == 'binary':
+        answer = {'probability': (float, Field(description=f"probability that {spec.target} is 1")),
+                  'decision': (bool, Field(description='probability >= the serving threshold'))}
+    else: answer = {'prediction': (float, Field(description=f"the predicted {spec.target}"))}
+    return create_model('Prediction', __doc__='The answer for one record.', **answer, **common)
 
-def _load(stored, threshold: float) -> Scorer:
+def _load(stored, threshold: float, spec: DataSpec) -> Scorer:
     from nbs_lib.tracking import load_model
     model = load_model(str(stored.path_of('mlflow_model')))
-    return Scorer(model, stored.info.labels.get('version', str(stored.tag.version)), threshold, stored.info.metadata.get('categories'))
+    return Scorer(model, stored.info.labels.get('version', str(stored.tag.version)), threshold, stored.info.metadata.get('categories'),
+                  spec.inputs, spec.task)
 
-def _read_upload(path: Path) -> tuple[pd.DataFrame, str]:
+def _read_upload(path: Path, spec: DataSpec) -> tuple[pd.DataFrame, str]:
     "The uploaded table and its format ('parquet', known by its magic bytes, else 'csv'); DataError if it is neither."
     with open(path, 'rb') as f: kind = 'parquet' if f.read(4) == b'PAR1' else 'csv'
     try: df = pd.read_parquet(path) if kind == 'parquet' else pd.read_csv(path)
     except Exception as e:
         raise DataError(f"file: not a parquet or CSV file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    if not set(FIELDS) & set(map(str, df.columns)):
-        raise DataError(f"file: not a parquet or CSV file with the input columns (it has no column of {list(FIELDS)})")
+    if not set(spec.inputs) & set(map(str, df.columns)):
+        raise DataError(f"file: not a parquet or CSV file with the input columns (it has no column of {spec.inputs})")
     return df, kind
 
 class Runtime:
     "The service's state: the champion, the shadow challenger, the prediction log; predictions for records and files."
     def __init__(self, cfg: ServiceConfig):
-        self.cfg, s = cfg, cfg.s
-        self.champion = _load(cfg.champion, s['threshold'])
-        self.challenger = _load(cfg.challenger, s['threshold']) if cfg.challenger is not None else None
-        self.log = PredictionLog(cfg.root/s['prediction_log'], s['log_flush_rows'], s['log_flush_seconds'])
+        self.cfg, s, spec = cfg, cfg.s, cfg.spec
+        self.fields, self.binary = fields(spec), spec.task == 'binary'
+        self.Prediction = prediction_model(spec)
+        self.champion = _load(cfg.champion, s['threshold'], spec)
+        self.challenger = _load(cfg.challenger, s['threshold'], spec) if cfg.challenger is not None else None
+        self.log = PredictionLog(cfg.root/s['prediction_log'], spec, s['log_flush_rows'], s['log_flush_seconds'])
         if cfg.example:  # warm up (the first call on a fresh model is slow, and must not count against a request), and
-            # check the compiled pipeline against the model's own on the example, an unknown category and missing weather
-            X = records_frame([cfg.example, {**cfg.example, 'carrier': '?', 'temp': None, 'wind_gust': None}])
+            # check the compiled pipeline against the model's own on the example, an unknown category and missing values
+            odd = {**cfg.example, **{c: '?' for c in spec.categorical[:1]}, **{c: None for c, f in self.fields.items() if f.nullable}}
+            X = records_frame([cfg.example, odd], self.fields)
             for m in (self.champion, self.challenger):
                 if m is not None and not m.check_fast(X): m.probability(X)  # check_fast scored it both ways already
         self._shadow = None
@@ -482,36 +494,39 @@ class Runtime:
 
     def _score(self, X: pd.DataFrame, rids, received) -> np.ndarray:
         p = self.champion.probability(X)
-        self.log.append(X, p, p >= self.champion.threshold, self.champion.version, rids, received)
+        self.log.append(X, p, (p >= self.champion.threshold) if self.binary else None, self.champion.version, rids, received)
         if self._shadow is not None: self._shadow.submit(self._score_shadow, X, rids, received)
         return p
 
     def _score_shadow(self, X, rids, received) -> None:
         try:
             q = self.challenger.probability(X)
-            self.log.append(X, q, q >= self.challenger.threshold, self.challenger.version, rids, received, shadow=True)
+            self.log.append(X, q, (q >= self.challenger.threshold) if self.binary else None, self.challenger.version, rids, received, shadow=True)
         except Exception:  # the challenger never affects answers
             logging.getLogger(__name__).exception('shadow scoring failed')
 
-    def predict(self, records: list) -> list[Prediction]:
+    def predict(self, records: list) -> list:
         "Predictions for validated records (possibly several requests merged by adaptive batching)."
-        X = records_frame(records)
+        X = records_frame(records, self.fields)
         rids = [r._request_id or uuid.uuid4().hex for r in records]
         received = [r._received or time.time() for r in records]
         p = self._score(X, rids, received); th = self.champion.threshold; v = self.champion.version
         unknown = self.champion.unknown(X)
         # model_construct: every field is built here with its type, so pydantic's validation of each answer is skipped
-        return [Prediction.model_construct(probability=q, decision=q >= th, model_version=v, request_id=r, unknown_categories=u)
+        if not self.binary:
+            return [self.Prediction.model_construct(prediction=q, model_version=v, request_id=r, unknown_categories=u)
+                    for q, r, u in zip(p.tolist(), rids, unknown)]
+        return [self.Prediction.model_construct(probability=q, decision=q >= th, model_version=v, request_id=r, unknown_categories=u)
                 for q, r, u in zip(p.tolist(), rids, unknown)]
 
     def predict_file(self, path: Path, out_dir: str | Path) -> Path:
-        "Score a parquet or CSV file; the scored rows (its columns + probability, decision, model_version) in the same format."
-        df, kind = _read_upload(Path(path))
-        X = check_frame(df, self.cfg.s['max_file_rows'])
+        "Score a parquet or CSV file; the scored rows (its columns + probability and decision, or prediction; model_version) in the same format."
+        df, kind = _read_upload(Path(path), self.cfg.spec)
+        X = check_frame(df, self.cfg.spec, self.cfg.s['max_file_rows'])
         rid = uuid.uuid4().hex; now = time.time()
         p = self._score(X, [rid] * len(X), [now] * len(X))
-        out = df.reset_index(drop=True).assign(probability=p, decision=p >= self.champion.threshold,
-                                               model_version=self.champion.version, request_id=rid)
+        answer = {'probability': p, 'decision': p >= self.champion.threshold} if self.binary else {'prediction': p}
+        out = df.reset_index(drop=True).assign(**answer, model_version=self.champion.version, request_id=rid)
         dst = Path(out_dir)/f'scored.{kind}'
         if kind == 'parquet': out.to_parquet(dst, index=False)
         else: out.to_csv(dst, index=False)
@@ -562,9 +577,9 @@ class MultipartCheck:
 # %% ../notebooks/lib/10_serving.ipynb #08436392
 def start_server(root: str | Path, port: int, env: dict | None = None, log: str | Path | None = None,
                  host: str = '127.0.0.1'):
-    "Start `bentoml serve service:FlightDelay` in `root` on host:port; returns the Popen (output to `log`)."
+    "Start `bentoml serve <bentofile's service>` in `root` on host:port; returns the Popen (output to `log`)."
     out = open(log, 'w') if log else subprocess.DEVNULL
-    return subprocess.Popen([str(Path(sys.executable).parent/'bentoml'), 'serve', 'service:FlightDelay', '--host', host,
+    return subprocess.Popen([str(Path(sys.executable).parent/'bentoml'), 'serve', bentofile(Path(root))['service'], '--host', host,
                              '--port', str(port)], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 def wait_ready(url: str, proc, timeout: float = 300, log: str | Path | None = None) -> float:
@@ -623,9 +638,9 @@ def build_bento(root: Path | None = None):
     finally: os.chdir(cwd)
 
 def _latest_bento(root: Path):
-    import bentoml, yaml
+    import bentoml
     from bentoml.exceptions import NotFound
-    name = yaml.safe_load((root/'bentofile.yaml').read_text()).get('name') or 'flights_delay'
+    name = bentofile(root)['name']
     try: return bentoml.get(f'{name}:latest')
     except NotFound: return None
 
@@ -667,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.tag: cmd += ['--image-tag', a.tag]
         return subprocess.run(cmd, cwd=root).returncode
     for alias in ALIASES[:2 if s['shadow'] else 1]: import_alias(p, alias, root)
-    cmd = [str(Path(sys.executable).parent/'bentoml'), 'serve', 'service:FlightDelay', '--host', a.host or s['host'],
+    cmd = [str(Path(sys.executable).parent/'bentoml'), 'serve', bentofile(root)['service'], '--host', a.host or s['host'],
            '--port', str(a.port or s['port'])]
     _say(f"serving the champion on http://{a.host or s['host']}:{a.port or s['port']} (BentoML store {home}); Ctrl-C stops it")
     sys.stdout.flush(); os.chdir(root)

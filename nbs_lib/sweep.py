@@ -8,15 +8,15 @@ from __future__ import annotations
 import argparse, contextlib, copy, hashlib, io, itertools, json, math, os, re, shutil, signal, socket, sys, threading, time, warnings
 from pathlib import Path
 import yaml
-from .config import FAMILIES, ParamsError, UserError, check_params, check_stage, get, load_params, project_root
+from .config import METRICS, ParamsError, UserError, check_params, check_stage, greater_is_better, load_params, project_root, stage
 from .data import md5
 
 # %% auto #0
-__all__ = ['SWEEP_METRICS', 'ENGINES', 'TABLE_METRICS', 'TASKS', 'parse_values', 'parse_set', 'check_sweep', 'build_grid',
-           'expand_grid', 'code_fingerprint', 'config_hash', 'sweep_id', 'execute_notebook', 'error_line', 'run_config',
-           'warm_worker', 'start_workers', 'stop_workers', 'run_in_pool', 'dask_client', 'run_on_dask', 'open_parent',
-           'children', 'close_children', 'results_table', 'markdown_table', 'plan', 'make_task', 'run_sweep',
-           'short_names', 'summary', 'main']
+__all__ = ['ENGINES', 'TABLE_METRICS', 'TASKS', 'parse_values', 'parse_set', 'check_sweep', 'build_grid', 'expand_grid',
+           'code_fingerprint', 'config_hash', 'sweep_id', 'execute_notebook', 'error_line', 'run_config', 'warm_worker',
+           'start_workers', 'stop_workers', 'run_in_pool', 'dask_client', 'run_on_dask', 'open_parent', 'children',
+           'close_children', 'results_table', 'markdown_table', 'plan', 'make_task', 'run_sweep', 'short_names',
+           'summary', 'main']
 
 # %% ../notebooks/lib/07_sweep.ipynb #0e38f316
 def parse_values(text: str) -> list:
@@ -39,18 +39,11 @@ def parse_set(items) -> dict:
     return out
 
 # %% ../notebooks/lib/07_sweep.ipynb #8e6c8523
-_LOWER_IS_BETTER = ('log_loss', 'brier')
-SWEEP_METRICS = tuple(f'{s}_{m}' for s in ('test', 'train') for m in ('roc_auc', 'log_loss', 'brier', 'accuracy', 'f1'))
-
-def check_sweep(s) -> dict:
-    "Check the `sweep:` stage of params.yaml; raises ParamsError naming the key."
-    if not isinstance(s, dict): raise ParamsError("params.yaml: missing or empty stage 'sweep'")
-    get(s, 'grid', dict, prefix='sweep'); get(s, 'output_dir', str, prefix='sweep')
-    metric = get(s, 'metric', str, choices=SWEEP_METRICS, prefix='sweep')
-    greater = get(s, 'greater_is_better', bool, prefix='sweep')
-    if greater == metric.endswith(_LOWER_IS_BETTER):
-        raise ParamsError(f"params.yaml: 'sweep.greater_is_better' must be {str(not greater).lower()} for {metric}")
-    return s
+def check_sweep(p: dict) -> dict:
+    "The `sweep:` stage of params `p` checked (ParamsError naming the key), with its metric's direction for the task."
+    s = stage(p, 'sweep'); task = stage(p, 'table')['target']['task']
+    if not s['metric'].startswith(('test_', 'train_')): raise ParamsError(f"params.yaml: 'sweep.metric' must be test_<metric> or train_<metric>, got {s['metric']!r}")
+    return {**s, 'task': task, 'greater_is_better': greater_is_better(s['metric'], task, 'sweep.metric')}
 
 def _leaves(d: dict, prefix: str = '') -> list[str]:
     return [x for k, v in d.items() for x in (_leaves(v, f'{prefix}{k}.') if isinstance(v, dict) else [f'{prefix}{k}'])]
@@ -59,6 +52,7 @@ def _check_entry(key, values, train: dict, where: str) -> tuple[str, list]:
     k = str(key).removeprefix('train.'); parts = k.split('.')
     if parts[0] == 'hyperparams':
         if len(parts) != 3: raise ParamsError(f"{where}: expected hyperparams.<family>.<name>")
+        from nbs_lib.models import FAMILIES
         if parts[1] not in FAMILIES: raise ParamsError(f"{where}: '{parts[1]}' is not a model family (expected one of {list(FAMILIES)})")
     else:
         keys = [x for x in _leaves(train) if not x.startswith('hyperparams.')]
@@ -100,7 +94,7 @@ def expand_grid(p: dict, grid: dict) -> list[dict]:
         try:
             check_stage('train', t)
             for fam in {t['family']} | {k.split('.')[1] for k in keys if k.startswith('hyperparams.')}:
-                model_from_params({'features': p['features'], 'train': {**t, 'family': fam}})
+                model_from_params({'table': p['table'], 'train': {**t, 'family': fam}})
         except ParamsError as e:
             raise ParamsError(f"sweep configuration {values}: {str(e).removeprefix('params.yaml: ')}") from None
         t['hyperparams'] = {t['family']: t['hyperparams'][t['family']]}
@@ -198,8 +192,8 @@ def _close_failed(task: dict, out: dict) -> None:
     rid = out['run_id']
     if rid is None:  # failed before the notebook created its run: record the failure all the same
         nb = task['notebooks'][0]['parameters']
-        rid = trk.start_run({k: nb[k] for k in ('data', 'split', 'features', 'train', 'tracking')}, task['run_name'], inputs=task['data_inputs'],
-                            params={k: nb[k] for k in ('data', 'split', 'features', 'train')},
+        rid = trk.start_run({k: nb[k] for k in ('data', 'split', 'table', 'train', 'tracking')}, task['run_name'], inputs=task['data_inputs'],
+                            params={k: nb[k] for k in ('data', 'split', 'table', 'train')},
                             extra_tags={'model.family': nb['train']['family'], **nb['run_tags']},
                             parent_run_id=task['parent_run_id'], root=Path(task['root']))
         trk.log_files(rid, [out['notebook']], 'notebooks'); out['run_id'] = rid
@@ -356,7 +350,7 @@ def close_children(exp: str, parent_id: str, status: str = 'KILLED') -> list[str
     return ids
 
 # %% ../notebooks/lib/07_sweep.ipynb #f3d90375
-TABLE_METRICS = ('test_roc_auc', 'test_log_loss', 'test_brier', 'test_accuracy', 'test_f1')
+TABLE_METRICS = tuple(f'test_{m}' for t in METRICS for m in METRICS[t])  # each run has those of its task
 
 def results_table(rows: list[dict], metric: str, greater_is_better: bool):
     "The rows as a DataFrame sorted by `metric` (best first, missing values last)."
@@ -367,7 +361,7 @@ def results_table(rows: list[dict], metric: str, greater_is_better: bool):
 
 def _cell(v, col: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)): return ''
-    if isinstance(v, float): return f'{v:.1f}' if col == 'seconds' else (f'{v:.4f}' if col in SWEEP_METRICS else f'{v:g}')
+    if isinstance(v, float): return f'{v:.1f}' if col == 'seconds' else (f'{v:.4f}' if col.startswith(('test_', 'train_')) else f'{v:g}')
     return str(v).replace('|', '\\|')
 
 def markdown_table(df) -> str:
@@ -451,7 +445,7 @@ def make_task(pl: dict, c: dict, root: Path, uri: str, exp: str, parent: str, th
 def _row(c: dict, status: str, run, error: str | None = None, notebook: str | None = None, seconds=None) -> dict:
     m = run.data.metrics if run is not None else {}
     if seconds is None and run is not None and run.info.end_time: seconds = (run.info.end_time - run.info.start_time)/1000
-    return {'config_id': c['config_id'], 'status': status, **c['values'], **{k: m.get(k) for k in TABLE_METRICS},
+    return {'config_id': c['config_id'], 'status': status, **c['values'], **{k: m[k] for k in TABLE_METRICS if k in m},
             'seconds': seconds, 'run_id': run.info.run_id if run is not None else None, 'error': error, 'notebook': notebook}
 
 def _finish_parent(pl: dict, parent: str, table, s: dict, failed: int, status: str) -> None:
@@ -486,7 +480,7 @@ def run_sweep(root: str | Path | None = None, overrides: dict | None = None, gri
     from nbs_lib.cli import offline_env
     offline_env()
     root = Path(root or project_root()).resolve()
-    p = check_params(load_params(root/'params.yaml')); s = check_sweep(p.get('sweep'))
+    p = check_params(load_params(root/'params.yaml')); s = check_sweep(p)
     if engine not in ENGINES: raise UserError(f"--engine must be one of {list(ENGINES)}, got {engine!r}")
     if jobs is not None and jobs < 1: raise UserError(f"--jobs must be >= 1, got {jobs}")
     pl = plan(root, p, build_grid(p, overrides, grid_file), engine)

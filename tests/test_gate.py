@@ -14,7 +14,8 @@ from conftest import PROJECT_FILES, copy_project, nbs, set_params
 # the gate on the 3% sample (about 2,500 test rows); the threshold sits below the weak model
 GATE = {'gate.min_metric': 0.55, 'gate.min_improvement': 0.001, 'gate.bootstrap.n_resamples': 1000, 'gate.bootstrap.seed': 7}
 # deliberately weak: a logistic regression that sees the origin airport and the time of day only (AUC about 0.61)
-WEAK = {'train.family': 'logistic_regression', 'features.categorical': ['origin'], 'features.numeric': []}
+WEAK = {'train.family': 'logistic_regression', **{f'table.columns.{c}.role': 'derive' for c in ('carrier', 'dest', 'distance', 'temp', 'dewp',
+        'humid', 'wind_dir', 'wind_speed', 'wind_gust', 'precip', 'pressure', 'visib')}}
 # clearly better on the sample: a gradient boosting sized for 7,000 training rows (AUC about 0.67)
 STRONG = {f'train.hyperparams.hist_gradient_boosting.{k}': v for k, v in
           dict(learning_rate=0.05, max_iter=100, max_leaf_nodes=15, min_samples_leaf=100).items()}
@@ -62,7 +63,8 @@ def gate(sample_project, tmp_path_factory):
     from nbs_lib.metrics import classification_metrics
     from nbs_lib.tracking import load_model
     mlflow.set_tracking_uri(uri)
-    X, y, _ = load_test(root)
+    import yaml
+    X, y, _ = load_test(root, yaml.safe_load((root/'params.yaml').read_text()))
     p = load_model(json.loads((root/'build/train/run.json').read_text())['model_uri']).predict_proba(X)[:, 1]
     unlogged = client.create_run(exp, run_name='evaluated-without-model', tags={'nbs.kind': 'build'}).info.run_id
     for k, v in classification_metrics(y, p).items(): client.log_metric(unlogged, f'test_{k}', v)
@@ -183,7 +185,8 @@ def test_clearly_better_candidate_from_the_latest_sweep_is_promoted(gate, regist
     assert r.stdout.strip().splitlines()[-1] == f"promoted: {rep['reason']}"
     import mlflow
     mlflow.set_tracking_uri(gate.uri)
-    X, y, _ = load_test(root)
+    import yaml
+    X, y, _ = load_test(root, yaml.safe_load((root/'params.yaml').read_text()))
     p = {k: load_model(rep[k]['model_uri']).predict_proba(X)[:, 1] for k in ('candidate', 'champion')}
     b = paired_bootstrap(y, p['candidate'], p['champion'], 'roc_auc', 1000, GATE['gate.bootstrap.seed'], 0.95)
     assert (b['delta'], b['ci_low'], b['ci_high']) == (rep['delta'], rep['ci_low'], rep['ci_high'])

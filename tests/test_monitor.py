@@ -11,11 +11,14 @@ from mlflow.tracking import MlflowClient
 from conftest import nbs, set_params
 from nbs_lib import monitor as mon
 from nbs_lib.config import ParamsError
-from nbs_lib.features import INPUT_COLUMNS
+from nbs_lib.config import load_params
+from nbs_lib.data import DataSpec
+
+INPUT_COLUMNS = DataSpec.from_params(load_params(Path(__file__).resolve().parents[1]/'params.yaml')).inputs
 
 CFG = {'prediction_log': 'build/serving/predictions', 'min_rows': 500, 'n_bins': 10, 'max_categories': 20,
        'psi_threshold': 0.2, 'p_value': 0.01, 'prediction_psi_threshold': 0.1, 'min_auc': 0.65,
-       'max_calibration_gap': 0.05, 'max_drifted_share': 0.3}
+       'max_calibration_gap': 0.05, 'max_error_ratio': 1.25, 'max_drifted_share': 0.3, 'batch_by': None}
 
 
 def _drifted(d: dict) -> bool:

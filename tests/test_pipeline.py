@@ -89,7 +89,7 @@ def _products(root: Path) -> dict:
 @pytest.mark.parametrize('updates, expected', [
     ({'train.family': 'xgboost'}, "'train.family' must be one of"),
     ({'train.seed': DELETE}, "missing key 'train.seed'"),
-    ({'split.test_months': [13]}, "'split.test_months' must be a non-empty list of months 1-12"),
+    ({'split.train': [10, 11]}, "'split': 'train' and 'test' overlap in ['10', '11']"),
     ({'data.sample_frac': 'half'}, "'data.sample_frac' must be a number"),
     ({'train.hyperparams.hist_gradient_boosting.learnin_rate': 0.1}, "'train.hyperparams.hist_gradient_boosting.learnin_rate' is not a HistGradientBoostingClassifier hyperparameter"),
     ({'monitor.psi_threshold': 'high'}, "'monitor.psi_threshold' must be a number, got 'high'"),  # the last task's stage

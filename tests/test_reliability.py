@@ -58,7 +58,7 @@ def test_corrupt_raw_inputs_fail_in_one_line_and_keep_products(built_copy, name,
     src = root/'build/ingest/flights.parquet' if name.endswith('.parquet') else root/'data/raw/flights.csv.zip'
     tmp = root/'data/raw'/('bad-' + name)
     write(src, tmp)
-    set_params(root, **{'data.flights_file': tmp.name})
+    set_params(root, **{'data.files.flights': tmp.name})
     r = nbs(root, 'build', check=False)
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]

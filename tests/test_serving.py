@@ -67,7 +67,7 @@ def _champion_proba(root: Path, X: pd.DataFrame) -> np.ndarray:
 
 
 def _predict(c: httpx.Client, records: list[dict]) -> list[dict]:
-    r = c.post('/predict', json={'flights': records})
+    r = c.post('/predict', json={'records': records})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -126,18 +126,18 @@ def _ok(served) -> dict:
 
 
 BAD_JSON = [  # (name, body builder, text that must be in the answer)
-    ('wrong type', lambda ok: {'flights': [dict(ok, month='ten')]}, "'month'"),
-    ('float for an int', lambda ok: {'flights': [dict(ok, sched_dep_time=14.5)]}, "'sched_dep_time'"),
-    ('missing field', lambda ok: {'flights': [{k: v for k, v in ok.items() if k != 'carrier'}]}, "'carrier'"),
-    ('unknown field', lambda ok: {'flights': [dict(ok, temperature=50.0)]}, "'temperature'"),
-    ('month out of range', lambda ok: {'flights': [dict(ok, month=13)]}, "'month'"),
-    ('humidity out of range', lambda ok: {'flights': [dict(ok, humid=130.0)]}, "'humid'"),
-    ('not an hhmm time', lambda ok: {'flights': [dict(ok, sched_arr_time=1275)]}, 'hhmm'),
-    ('no such date', lambda ok: {'flights': [dict(ok, month=2, day=30)]}, 'day 30 does not exist'),
-    ('negative distance', lambda ok: {'flights': [dict(ok, distance=-5.0)]}, "'distance'"),
-    ('empty list', lambda ok: {'flights': []}, 'at least 1'),
-    ('over serve.max_batch', lambda ok: {'flights': [ok] * (MAX_BATCH + 1)}, f'at most {MAX_BATCH}'),
-    ('no flights key', lambda ok: {'rows': [ok]}, "'flights'"),
+    ('wrong type', lambda ok: {'records': [dict(ok, month='ten')]}, "'month'"),
+    ('float for an int', lambda ok: {'records': [dict(ok, sched_dep_time=14.5)]}, "'sched_dep_time'"),
+    ('missing field', lambda ok: {'records': [{k: v for k, v in ok.items() if k != 'carrier'}]}, "'carrier'"),
+    ('unknown field', lambda ok: {'records': [dict(ok, temperature=50.0)]}, "'temperature'"),
+    ('month out of range', lambda ok: {'records': [dict(ok, month=13)]}, "'month'"),
+    ('humidity out of range', lambda ok: {'records': [dict(ok, humid=130.0)]}, "'humid'"),
+    ('not an hhmm time', lambda ok: {'records': [dict(ok, sched_arr_time=1275)]}, 'hhmm'),
+    ('no such date', lambda ok: {'records': [dict(ok, month=2, day=30)]}, 'day 30 does not exist'),
+    ('negative distance', lambda ok: {'records': [dict(ok, distance=-5.0)]}, "'distance'"),
+    ('empty list', lambda ok: {'records': []}, 'at least 1'),
+    ('over serve.max_batch', lambda ok: {'records': [ok] * (MAX_BATCH + 1)}, f'at most {MAX_BATCH}'),
+    ('no records key', lambda ok: {'rows': [ok]}, "'records'"),
 ]
 
 
@@ -151,13 +151,13 @@ def test_bad_json_answers_400_naming_the_field(served, name, body, expected):
 @pytest.mark.parametrize('raw, field', [
     ('NaN', 'temp'), ('Infinity', 'distance'), ('-Infinity', 'dewp'), ('"NaN"', 'precip'), ('1e999', 'visib')])
 def test_nan_and_infinite_numbers_answer_400(served, raw, field):
-    body = json.dumps({'flights': [dict(_ok(served), **{field: '__raw__'})]}).replace('"__raw__"', raw)
+    body = json.dumps({'records': [dict(_ok(served), **{field: '__raw__'})]}).replace('"__raw__"', raw)
     r = served['client'].post('/predict', content=body, headers={'content-type': 'application/json'})
     assert r.status_code == 400 and field in r.text, (raw, r.status_code, r.text)
 
 
 @pytest.mark.parametrize('content, expected', [
-    (b'{"flights": [{"year": 2013,', 'Invalid JSON'),
+    (b'{"records": [{"year": 2013,', 'Invalid JSON'),
     (b'\x00\x01\x02 not json at all', 'Invalid JSON'),
 ])
 def test_malformed_json_answers_400(served, content, expected):
@@ -205,7 +205,9 @@ def test_server_stays_up_after_bad_requests(served):
 def test_prediction_log_holds_every_prediction_and_the_shadow(served):
     """Concurrent requests over 2 workers with adaptive batching: each record is logged once by the champion with
     the probability it was answered, once by the challenger (shadow), never returned."""
-    from nbs_lib.serving import LOG_COLUMNS, read_prediction_log
+    from nbs_lib.data import DataSpec
+    from nbs_lib.serving import log_columns, read_prediction_log
+    spec = DataSpec.from_params(yaml.safe_load((served['root']/'params.yaml').read_text()))
     root, c = served['root'], served['client']
     recs = json_records(_test_rows(root, 30))
     t0 = pd.Timestamp.now(tz='UTC')
@@ -217,11 +219,11 @@ def test_prediction_log_holds_every_prediction_and_the_shadow(served):
     folder = root/yaml.safe_load((root/'params.yaml').read_text())['serve']['prediction_log']
     deadline = time.monotonic() + 30
     while True:
-        log = read_prediction_log(folder)
+        log = read_prediction_log(folder, spec)
         log = log[log['request_id'].isin(by_rid)]
         if len(log) >= 240 or time.monotonic() > deadline: break
         time.sleep(0.3)
-    assert list(log.columns) == LOG_COLUMNS
+    assert list(log.columns) == log_columns(spec)
     champ, shadow = log[~log['shadow']], log[log['shadow']]
     assert len(champ) == 120 and len(shadow) == 120, (len(champ), len(shadow))
     assert set(champ['model_version']) == {'1'} and set(shadow['model_version']) == {'2'}
@@ -243,7 +245,7 @@ def test_no_champion_fails_in_one_line_saying_to_run_the_gate(served, tmp_path):
     line = r.stderr.strip().splitlines()
     assert len(line) == 1 and line[0].startswith('error: no champion') and 'make register' in line[0], r.stderr
     # plain `bentoml serve` on a BentoML store without the champion
-    p = subprocess.run([str(BIN/'bentoml'), 'serve', 'service:FlightDelay', '--port', str(free_port())], cwd=root,
+    p = subprocess.run([str(BIN/'bentoml'), 'serve', 'service:Predictor', '--port', str(free_port())], cwd=root,
                        env=_env(root, BENTOML_HOME=str(tmp_path/'bentoml')), capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()

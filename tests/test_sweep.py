@@ -212,7 +212,7 @@ def test_eight_parallel_runs_on_sqlite_lose_nothing(built_copy):
         _check_child(c, k, parent, sid, root)
         hp = {'logistic_regression': {**p['train']['hyperparams']['logistic_regression'], 'C': 0}}  # its family's only
         train = {**p['train'], 'family': 'logistic_regression', 'hyperparams': hp}
-        expected = set(flatten({s: p[s] for s in ('data', 'split', 'features')} | {'train': train}))
+        expected = set(flatten({s: p[s] for s in ('data', 'split', 'table')} | {'train': train}))
         assert set(k.data.params) == expected, set(k.data.params) ^ expected
         assert len(k.data.metrics) == 16, sorted(k.data.metrics)  # 7 train_, 7 test_ (+ by month), fit_seconds
     assert sorted(float(k.data.params['train.hyperparams.logistic_regression.C']) for k in kids) == sorted(float(x) for x in cs)
