@@ -103,7 +103,7 @@ class Column(_Stage):
     @model_validator(mode='after')
     def _consistent(self):
         if self.role == 'categorical' and self.dtype != 'category': raise ValueError("a categorical column needs dtype: category")
-        if self.dtype == 'category' and self.role != 'categorical': raise ValueError("a category column needs role: categorical")
+        if self.dtype == 'category' and self.role == 'numeric': raise ValueError("a category column cannot be numeric: role categorical (or derive)")
         if self.range and self.range[0] > self.range[1]: raise ValueError(f"range {list(self.range)}: lo is above hi")
         return self
 
