@@ -63,8 +63,7 @@ def gate(sample_project, tmp_path_factory):
     from nbs_lib.metrics import classification_metrics
     from nbs_lib.tracking import load_model
     mlflow.set_tracking_uri(uri)
-    import yaml
-    X, y, _ = load_test(root, yaml.safe_load((root/'params.yaml').read_text()))
+    X, y, _ = load_test(root)
     p = load_model(json.loads((root/'build/train/run.json').read_text())['model_uri']).predict_proba(X)[:, 1]
     unlogged = client.create_run(exp, run_name='evaluated-without-model', tags={'nbs.kind': 'build'}).info.run_id
     for k, v in classification_metrics(y, p).items(): client.log_metric(unlogged, f'test_{k}', v)
@@ -185,8 +184,7 @@ def test_clearly_better_candidate_from_the_latest_sweep_is_promoted(gate, regist
     assert r.stdout.strip().splitlines()[-1] == f"promoted: {rep['reason']}"
     import mlflow
     mlflow.set_tracking_uri(gate.uri)
-    import yaml
-    X, y, _ = load_test(root, yaml.safe_load((root/'params.yaml').read_text()))
+    X, y, _ = load_test(root)
     p = {k: load_model(rep[k]['model_uri']).predict_proba(X)[:, 1] for k in ('candidate', 'champion')}
     b = paired_bootstrap(y, p['candidate'], p['champion'], 'roc_auc', 1000, GATE['gate.bootstrap.seed'], 0.95)
     assert (b['delta'], b['ci_low'], b['ci_high']) == (rep['delta'], rep['ci_low'], rep['ci_high'])
