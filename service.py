@@ -17,7 +17,7 @@ try: CFG = S.service_config(ROOT); BENTO = S.bentofile(ROOT)
 except S.UserError as e: raise SystemExit(f"error: {e}") from None
 Record = S.record_model(CFG.spec, CFG.categories, CFG.example)
 Records = S.request_type(Record, CFG.s['max_batch'])
-Prediction = S.prediction_model(CFG.spec)
+Prediction = CFG.Prediction
 
 
 @bentoml.service(name=BENTO['name'], workers=CFG.s['workers'], traffic={'timeout': CFG.s['timeout_s']})

@@ -211,6 +211,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'nbs_lib.serving.Scorer.probability': ('serving.html#scorer.probability', 'nbs_lib/serving.py'),
                                  'nbs_lib.serving.Scorer.unknown': ('serving.html#scorer.unknown', 'nbs_lib/serving.py'),
                                  'nbs_lib.serving.ServiceConfig': ('serving.html#serviceconfig', 'nbs_lib/serving.py'),
+                                 'nbs_lib.serving.ServiceConfig.__post_init__': ( 'serving.html#serviceconfig.__post_init__',
+                                                                                  'nbs_lib/serving.py'),
                                  'nbs_lib.serving.ServiceConfig.categories': ( 'serving.html#serviceconfig.categories',
                                                                                'nbs_lib/serving.py'),
                                  'nbs_lib.serving.ServiceConfig.example': ('serving.html#serviceconfig.example', 'nbs_lib/serving.py'),

@@ -11,10 +11,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
 # %% auto #0
-__all__ = ['Num', 'STAGES', 'METRICS', 'UserError', 'ParamsError', 'DataError', 'project_root', 'load_params', 'get', 'Data',
-           'Column', 'Target', 'Derive', 'Table', 'Split', 'Train', 'Evaluate', 'Tracking', 'Registry', 'Bootstrap',
-           'Gate', 'Sweep', 'Batching', 'Serve', 'Monitor', 'greater_is_better', 'stage', 'check_stage', 'check_params',
-           'tracking_uri']
+__all__ = ['Num', 'STAGES', 'METRICS', 'GATE_METRICS', 'UserError', 'ParamsError', 'DataError', 'project_root', 'load_params',
+           'get', 'Data', 'Column', 'Target', 'Derive', 'Table', 'Split', 'Train', 'Evaluate', 'Tracking', 'Registry',
+           'Bootstrap', 'Gate', 'Sweep', 'Batching', 'Serve', 'Monitor', 'greater_is_better', 'stage', 'check_stage',
+           'check_params', 'tracking_uri']
 
 # %% ../notebooks/lib/00_config.ipynb #017357cd
 class UserError(ValueError):
@@ -238,6 +238,7 @@ STAGES = {'data': Data, 'table': Table, 'split': Split, 'train': Train, 'evaluat
 # %% ../notebooks/lib/00_config.ipynb #met-dir
 METRICS = {'binary': {'roc_auc': True, 'log_loss': False, 'brier': False, 'accuracy': True, 'f1': True},
            'regression': {'rmse': False, 'mae': False, 'r2': True}}  # task -> metric -> greater is better
+GATE_METRICS = {'binary': ('roc_auc', 'log_loss', 'brier'), 'regression': ('rmse', 'mae', 'r2')}  # the gate's bootstrap computes these
 
 def greater_is_better(metric: str, task: str | None = None, key: str = 'metric') -> bool:
     "Whether a larger `metric` (optionally test_/train_ prefixed) is better; ParamsError naming `key` when it is unknown."
@@ -286,7 +287,8 @@ def check_params(p: dict) -> dict:
     if unknown: raise ParamsError(f"params.yaml: '{unknown[0]}' is not a stage (expected stages {list(STAGES)})")
     for name in STAGES: stage(p, name)
     task = p['table']['target']['task']
-    greater_is_better(p['gate']['metric'], task, 'gate.metric')
+    if p['gate']['metric'] not in GATE_METRICS[task]:
+        raise ParamsError(f"params.yaml: 'gate.metric' must be one of {list(GATE_METRICS[task])} for task {task}, got {p['gate']['metric']!r}")
     sweep_metric = p['sweep']['metric']
     if not sweep_metric.startswith(('test_', 'train_')): raise ParamsError(f"params.yaml: 'sweep.metric' must be test_<metric> or train_<metric>, got {sweep_metric!r}")
     greater_is_better(sweep_metric, task, 'sweep.metric')

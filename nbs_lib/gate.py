@@ -9,17 +9,15 @@ import argparse, datetime, json, re, sys, time
 from pathlib import Path
 import numpy as np
 import yaml
-from .config import DataError, ParamsError, UserError, check_stage, greater_is_better, load_params, project_root, stage
+from .config import GATE_METRICS, DataError, ParamsError, UserError, check_stage, greater_is_better, load_params, project_root, stage
 
 # %% auto #0
-__all__ = ['GATE_METRICS', 'check_gate', 'resample_indices', 'metric_value', 'bootstrap_deltas', 'paired_bootstrap', 'decide',
-           'product_path', 'get_run', 'latest_build', 'find_sweep', 'sweep_runs', 'best_run', 'logged_model',
-           'select_candidate', 'load_test', 'predict', 'champion_version', 'existing_version', 'version_tags',
-           'register', 'render_markdown', 'write_report', 'run_gate', 'main']
+__all__ = ['check_gate', 'resample_indices', 'metric_value', 'bootstrap_deltas', 'paired_bootstrap', 'decide', 'product_path',
+           'get_run', 'latest_build', 'find_sweep', 'sweep_runs', 'best_run', 'logged_model', 'select_candidate',
+           'load_test', 'predict', 'champion_version', 'existing_version', 'version_tags', 'register',
+           'render_markdown', 'write_report', 'run_gate', 'main']
 
 # %% ../notebooks/lib/08_gate.ipynb #7cee15e2
-GATE_METRICS = {'binary': ('roc_auc', 'log_loss', 'brier'), 'regression': ('rmse', 'mae', 'r2')}  # what the bootstrap computes
-
 def check_gate(p: dict) -> dict:
     "The `gate:` stage of params.yaml checked (ParamsError naming the key), with the task and the metric's direction."
     g = stage(p, 'gate'); stage(p, 'registry'); task = stage(p, 'table')['target']['task']

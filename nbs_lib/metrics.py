@@ -66,7 +66,7 @@ def plot_calibration(y, p, n_bins: int = 10, title: str = 'Calibration') -> plt.
     ax.set(xlabel='mean predicted probability', ylabel='observed positive rate', title=title); ax.legend()
     fig.tight_layout(); return fig
 
-def plot_by_period(bym: pd.DataFrame, by: str = 'month', title: str | None = None) -> plt.Figure:
+def plot_by_period(bym: pd.DataFrame, by: str, title: str | None = None) -> plt.Figure:
     "Per period: ROC AUC bars with observed and predicted positive rates (binary), or RMSE bars with mean target and prediction."
     binary = 'roc_auc' in bym
     metric, lo = ('roc_auc', 'positive_rate') if binary else ('rmse', 'mean_target')

@@ -95,8 +95,9 @@ def preprocessor(kind: str, categorical: list[str], numeric: list[str]) -> Colum
     if kind == 'onehot':
         cat = OneHotEncoder(handle_unknown='ignore', min_frequency=20, sparse_output=False)
         numt = make_pipeline(SimpleImputer(strategy='median', add_indicator=True), StandardScaler())
-    else:
-        cat = OrdinalEncoder(handle_unknown='use_encoded_value', unknown_value=np.nan, encoded_missing_value=np.nan)
+    else:  # native: at most 255 codes per column (HistGradientBoosting's limit); past it the rarest values share one
+        cat = OrdinalEncoder(handle_unknown='use_encoded_value', unknown_value=np.nan, encoded_missing_value=np.nan,
+                             max_categories=255 if kind == 'native' else None)
         numt = 'passthrough' if kind == 'native' else SimpleImputer(strategy='median', add_indicator=True)
     return ColumnTransformer([('cat', cat, categorical), ('num', numt, numeric)], verbose_feature_names_out=False)
 

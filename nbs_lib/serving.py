@@ -91,7 +91,8 @@ def _pyfield(name: str, f: FieldSpec, categories: dict) -> tuple:
         return (typ, ...)
     else:
         known = categories.get(name) or list(f.categories or [])
-        doc = f"{f.doc}; known: {', '.join(known)}; others are scored as unknown" if known else f.doc
+        shown = ', '.join(known[:50]) + (f' and {len(known) - 50} more' if len(known) > 50 else '')
+        doc = f"{f.doc}; known: {shown}; others are scored as unknown" if known else f.doc
         typ = Annotated[str, Field(strict=True, min_length=1, max_length=64, description=doc)]
     return (typ, ...)
 
@@ -196,7 +197,8 @@ def compile_pipeline(model, task: str = 'binary'):
         if isinstance(tr, str) and tr == 'drop': continue
         if isinstance(tr, OrdinalEncoder):
             if not (tr.handle_unknown == 'use_encoded_value' and nan(tr.unknown_value) and nan(tr.encoded_missing_value)
-                    and tr.min_frequency is None and tr.max_categories is None and np.dtype(tr.dtype) == np.float64): return None
+                    and tr.min_frequency is None and np.dtype(tr.dtype) == np.float64): return None
+            if any(x is not None for x in (getattr(tr, 'infrequent_categories_', None) or [])): return None  # pooled rare values: the pipeline scores them
             if any(not isinstance(x, str) and not nan(x) for cats in tr.categories_ for x in cats): return None
             blocks.append((width, list(cols), [_strings(cats) for cats in tr.categories_]))
         elif (isinstance(tr, str) and tr == 'passthrough') or (isinstance(tr, FunctionTransformer) and tr.func is None):
@@ -416,6 +418,8 @@ class ServiceConfig:
     champion: Any
     challenger: Any = None
 
+    def __post_init__(self): self.Prediction = prediction_model(self.spec)  # one class: service.py's return type and the runtime's answers
+
     @property
     def categories(self) -> dict: return self.champion.info.metadata.get('categories', {})
     @property
@@ -477,7 +481,7 @@ class Runtime:
     def __init__(self, cfg: ServiceConfig):
         self.cfg, s, spec = cfg, cfg.s, cfg.spec
         self.fields, self.binary = fields(spec), spec.task == 'binary'
-        self.Prediction = prediction_model(spec)
+        self.Prediction = cfg.Prediction
         self.champion = _load(cfg.champion, s['threshold'], spec)
         self.challenger = _load(cfg.challenger, s['threshold'], spec) if cfg.challenger is not None else None
         self.log = PredictionLog(cfg.root/s['prediction_log'], spec, s['log_flush_rows'], s['log_flush_seconds'])

@@ -64,12 +64,15 @@ def test_train_param_change_reruns_train_and_evaluate_only(built_copy):
 
 def test_library_change_reruns_the_tasks_that_use_it(built_copy):
     root = built_copy
-    f = root/'nbs_lib/metrics.py'
+    f = root/'nbs_lib/metrics.py'  # train scores its training set with it, evaluate the test set
     f.write_text(f.read_text() + '\n# a change to the exported code\n')
-    assert ran_tasks(nbs(root, 'build')) == ['evaluate']
-    f = root/'nbs_lib/features.py'
+    assert ran_tasks(nbs(root, 'build')) == ['train', 'evaluate', 'monitor']
+    f = root/'nbs_lib/gate.py'  # no task uses the gate
     f.write_text(f.read_text() + '\n# a change to the exported code\n')
-    assert ran_tasks(nbs(root, 'build')) == ['features', 'train', 'evaluate', 'monitor']
+    assert ran_tasks(nbs(root, 'build')) == []
+    f = root/'nbs_lib/features.py'  # the example's raw files, join and derived features: every task
+    f.write_text(f.read_text() + '\n# a change to the exported code\n')
+    assert ran_tasks(nbs(root, 'build')) == ['ingest', 'features', 'train', 'evaluate', 'monitor']
 
 
 def test_plain_ploomber_build_reads_params_yaml(built_copy):
@@ -108,7 +111,7 @@ def test_bad_params_fail_in_one_line_and_keep_products(built_copy, updates, expe
 @pytest.mark.parametrize('updates, expected', [
     ({'monitor.p_value': 2}, "'monitor.p_value' must be <= 1.0, got 2"),
     ({'serve.port': 0}, "'serve.port' must be >= 1, got 0"),
-    ({'gate.metric': 'accuracy'}, "'gate.metric' must be one of ['brier', 'log_loss', 'roc_auc'], got 'accuracy'"),
+    ({'gate.metric': 'accuracy'}, "'gate.metric' must be one of ['roc_auc', 'log_loss', 'brier'] for task binary, got 'accuracy'"),
     ({'sweep.grid': [1]}, "'sweep.grid' must be a mapping, got [1]"),
     ({'train.hyperparams.random_forest.n_estimator': 10}, "'train.hyperparams.random_forest.n_estimator' is not a RandomForestClassifier hyperparameter"),
 ])
