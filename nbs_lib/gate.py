@@ -333,7 +333,8 @@ def render_markdown(r: dict) -> str:
     lines = [f"# Promotion gate: {r['decision']}", '', f"candidate: {r['source']}", '',
              '| | candidate | champion |', '|---|---|---|', *[f'| {a} | {x} | {y} |' for a, x, y in rows], '']
     t = r['test_data']
-    lines.append(f"test data: {t['path']} ({t['rows']:,} rows, positive rate {t['positive_rate']:.3f}, md5 {t['md5']}; "
+    rate = f"positive rate {t['positive_rate']:.3f}" if 'positive_rate' in t else f"mean target {t['mean_target']:.4g}"
+    lines.append(f"test data: {t['path']} ({t['rows']:,} rows, {rate}, md5 {t['md5']}; "
                  f"same file the candidate's run was evaluated on: {t['same_as_candidate_run']})")
     if b: lines.append(f"difference (candidate - champion): {b['delta']:+.4f}, {b['confidence']:.0%} paired bootstrap CI "
                        f"[{b['ci_low']:+.4f}, {b['ci_high']:+.4f}] ({b['n_resamples']} resamples, seed {b['seed']}, {b['seconds']}s)")
