@@ -16,6 +16,9 @@ try: CFG = S.service_config(Path(__file__).resolve().parent)
 except S.UserError as e: raise SystemExit(f"error: {e}") from None
 Flight = S.flight_model(CFG.categories, CFG.example)
 Flights = S.request_type(Flight, CFG.s['max_batch'])
+# hostile clients (issue 18): a deadline for each request's headers (slow-loris), one WARNING line per bad request
+S.guard_connections(CFG.s['header_timeout_s'], CFG.s['keep_alive_s'])
+S.quiet_client_errors()
 
 
 @bentoml.service(name='flights_delay', workers=CFG.s['workers'], traffic={'timeout': CFG.s['timeout_s']})
@@ -45,5 +48,12 @@ class FlightDelay:
         self.rt.close()
 
 
+# outermost: body size limit (413), body deadline (408), a client that leaves (499), short 400 answers, the docs' info
+_labels = CFG.champion.info.labels
+FlightDelay.add_asgi_middleware(S.RequestGuard, max_body_mb=CFG.s['max_body_mb'], body_timeout_s=CFG.s['body_timeout_s'], info={
+    'title': 'flights_delay', 'version': f"model {_labels.get('registered_model', CFG.s['model_name'])} v{_labels.get('version', '?')}",
+    'description': f"{FlightDelay.__doc__}\n\nServes `models:/{CFG.s['model_name']}@champion`: MLflow version {_labels.get('version', '?')}, "
+                   f"run {_labels.get('run_id', '?')}, test ROC AUC {_labels.get('test_roc_auc', '?')}. POST /predict takes JSON records, "
+                   "POST /predict_file a parquet or CSV file; each answer carries the model version and a request id."})
 # a malformed multipart body answers 400 here; inside BentoML it would be a 500 (see nbs_lib.serving.MultipartCheck)
 FlightDelay.add_asgi_middleware(S.MultipartCheck)
