@@ -52,7 +52,7 @@ class FlightDelay:
 _labels = CFG.champion.info.labels
 FlightDelay.add_asgi_middleware(S.RequestGuard, max_body_mb=CFG.s['max_body_mb'], body_timeout_s=CFG.s['body_timeout_s'], info={
     'title': 'flights_delay', 'version': f"model {_labels.get('registered_model', CFG.s['model_name'])} v{_labels.get('version', '?')}",
-    'description': f"{FlightDelay.__doc__}\n\nServes `models:/{CFG.s['model_name']}@champion`: MLflow version {_labels.get('version', '?')}, "
+    'description': f"{FlightDelay.inner.__doc__}\n\nServes `models:/{CFG.s['model_name']}@champion`: MLflow version {_labels.get('version', '?')}, "
                    f"run {_labels.get('run_id', '?')}, test ROC AUC {_labels.get('test_roc_auc', '?')}. POST /predict takes JSON records, "
                    "POST /predict_file a parquet or CSV file; each answer carries the model version and a request id."})
 # a malformed multipart body answers 400 here; inside BentoML it would be a 500 (see nbs_lib.serving.MultipartCheck)

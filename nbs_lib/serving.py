@@ -662,6 +662,13 @@ class Runtime:
 # %% ../notebooks/lib/10_serving.ipynb #h18-upload
 _WIDTH = {'BOOLEAN': 1, 'INT32': 4, 'FLOAT': 4, 'INT64': 8, 'DOUBLE': 8, 'INT96': 12}  # bytes per decoded value; strings 16
 
+def _width(c) -> int:
+    "Decoded bytes per row of a column chunk: its type's width; a string's longest value (or, without statistics, its whole dictionary)."
+    if c.physical_type in _WIDTH: return _WIDTH[c.physical_type]
+    st = c.statistics
+    if st is not None and st.has_min_max: return 16 + max(len(st.min), len(st.max))
+    return 16 + (c.total_uncompressed_size if c.has_dictionary_page else 0)  # any row may repeat the longest dictionary entry
+
 def decoded_bytes(md) -> int:
     "About how many bytes a parquet file decodes to, from its metadata `md` alone (never less than its uncompressed pages)."
     n = 0
@@ -669,7 +676,7 @@ def decoded_bytes(md) -> int:
         rg = md.row_group(i)
         for j in range(rg.num_columns):
             c = rg.column(j)
-            n += max(c.total_uncompressed_size, rg.num_rows * _WIDTH.get(c.physical_type, 16))
+            n += max(c.total_uncompressed_size, rg.num_rows * _width(c))
     return n
 
 def check_upload(path: Path, max_rows: int, max_mb: float) -> None:
@@ -745,7 +752,7 @@ class MultipartCheck:
 MAX_ERRORS = 20  # problems listed in a 400 answer
 ERROR_DETAIL = {'type': 'array', 'title': 'Error Detail', 'description': f'the first {MAX_ERRORS} problems',
                 'items': {'type': 'object', 'properties': {'loc': {'type': 'array', 'items': {'anyOf': [{'type': 'string'}, {'type': 'integer'}]}},
-                                                           'msg': {'type': 'string'}, 'type': {'type': 'string'}}}}
+                                                           'msg': {'type': 'string'}, 'type': {'type': 'string'}, 'url': {'type': 'string'}}}}
 
 def cut_errors(body: bytes, n: int = MAX_ERRORS) -> bytes:
     "A JSON 400 answer with its `detail` list cut to the first `n` problems, their number in `error` and `error_count`."
