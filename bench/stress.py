@@ -150,6 +150,11 @@ class Watch:
     def __exit__(self, *exc):
         self._stop.set()
         for t in self._threads: t.join()
+        import httpx  # and once more right after the case, so a case shorter than a poll is measured too
+        t0 = time.perf_counter()
+        try: self.unready += httpx.get(f'{self.url}/readyz', timeout=5).status_code != 200
+        except httpx.HTTPError: self.unready += 1
+        self.worst = max(self.worst, time.perf_counter() - t0)
 
 
 def _hostile_cases(url: str, port: int, recs: list[dict], tmp: Path, loris: int, kill_requests: int) -> list[tuple]:

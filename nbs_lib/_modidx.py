@@ -196,6 +196,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'nbs_lib.serving._stamp': ('serving.html#_stamp', 'nbs_lib/serving.py'),
                                  'nbs_lib.serving._stored': ('serving.html#_stored', 'nbs_lib/serving.py'),
                                  'nbs_lib.serving._strings': ('serving.html#_strings', 'nbs_lib/serving.py'),
+                                 'nbs_lib.serving._trim': ('serving.html#_trim', 'nbs_lib/serving.py'),
                                  'nbs_lib.serving._width': ('serving.html#_width', 'nbs_lib/serving.py'),
                                  'nbs_lib.serving.bento_model_name': ('serving.html#bento_model_name', 'nbs_lib/serving.py'),
                                  'nbs_lib.serving.bentoml_home': ('serving.html#bentoml_home', 'nbs_lib/serving.py'),

@@ -297,12 +297,17 @@ class Scorer:
 _SCHEMA = None
 
 def log_batch(X: pd.DataFrame, probability, decision, version: str, request_ids, received, shadow: bool = False):
-    "The rows of `log_frame` as one pyarrow RecordBatch of `log_schema()`."
+    "The rows of `log_frame` as one pyarrow RecordBatch of `log_schema()`, built from the arrays (no frame: it is on the request's path)."
     import pyarrow as pa
     global _SCHEMA
     _SCHEMA = _SCHEMA or log_schema()
-    df = log_frame(X, probability, decision, version, request_ids, received, shadow)
-    return pa.RecordBatch.from_pandas(df[LOG_COLUMNS], schema=_SCHEMA, preserve_index=False)
+    n, t = len(X), _SCHEMA.types
+    cols = [pa.array(X[c].to_numpy(), type=t[i], from_pandas=True) for i, c in enumerate(INPUT_COLUMNS)]  # NaN: null, as in parquet
+    stamp = np.round(np.asarray(received, dtype='float64') * 1e6).astype('int64')
+    cols += [pa.array(np.asarray(probability, dtype='float64')), pa.array(np.asarray(decision, dtype=bool)),
+             pa.array([str(version)] * n, pa.string()), pa.array(stamp, t[-3]), pa.array(list(request_ids), pa.string()),
+             pa.array(np.full(n, bool(shadow)))]
+    return pa.RecordBatch.from_arrays(cols, schema=_SCHEMA)
 
 def write_parquet(table, path: Path, sync: bool = False) -> Path:
     "Write `table` to `path` through a hidden temporary name and an atomic rename (fsynced first with `sync`)."
@@ -836,6 +841,13 @@ class RequestGuard:
                 data = body.read(self.chunk); done = len(data) < self.chunk
                 return {'type': 'http.request', 'body': data, 'more_body': not done}
             await self.app(scope, replay, _rewrite(send, lambda m: m['status'] == 400 and _json(m), lambda b: cut_errors(b, self.max_errors)))
+        if n > 1 << 20: _trim()  # a large body's parsed objects are freed: give the pages back to the OS
+
+def _trim() -> None:
+    "Return freed heap pages to the operating system (glibc's malloc_trim; nothing elsewhere)."
+    import ctypes, ctypes.util
+    try: ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError): pass
 
 # %% ../notebooks/lib/10_serving.ipynb #h18-conn
 _guarded_protocol = None  # uvicorn's HTTP/1.1 protocol with the header and keep-alive deadlines (guard_connections)
