@@ -458,13 +458,16 @@ class PredictionLog:
             self._full.wait(self.flush_seconds); self._full.clear()
             try:
                 self.flush()
-                if self.journal is not None: self.journal.sync()  # power loss loses at most about flush_seconds
+                with self._lock:  # power loss loses at most about flush_seconds
+                    if self.journal is not None: self.journal.sync()
             except Exception: logging.getLogger(__name__).exception('prediction log: flush failed')
 
     def close(self) -> None:
         "Stop the writer thread and write what is buffered."
         self._stop.set(); self._full.set(); self._thread.join(timeout=10); self.flush()
-        if self.journal is not None: self.journal.close()
+        with self._lock:
+            if self.journal is not None and not self._buf: self.journal.close()  # rows after the flush: left to recover
+            self.journal = None
 
 def read_prediction_log(folder: str | Path) -> pd.DataFrame:
     "Every row of the prediction log under `folder`, oldest first (an empty frame with LOG_COLUMNS when there is none)."
