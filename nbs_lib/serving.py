@@ -302,7 +302,10 @@ def log_batch(X: pd.DataFrame, probability, decision, version: str, request_ids,
     global _SCHEMA
     _SCHEMA = _SCHEMA or log_schema()
     n, t = len(X), _SCHEMA.types
-    cols = [pa.array(X[c].to_numpy(), type=t[i], from_pandas=True) for i, c in enumerate(INPUT_COLUMNS)]  # NaN: null, as in parquet
+    if n <= 64 and list(X.columns) == INPUT_COLUMNS:  # a few rows (the common request): one conversion beats 18 column lookups
+        V = X.to_numpy(dtype=object)
+        cols = [pa.array(V[:, i], type=t[i], from_pandas=True) for i in range(len(INPUT_COLUMNS))]  # NaN: null, as in parquet
+    else: cols = [pa.array(X[c].to_numpy(), type=t[i], from_pandas=True) for i, c in enumerate(INPUT_COLUMNS)]
     stamp = np.round(np.asarray(received, dtype='float64') * 1e6).astype('int64')
     cols += [pa.array(np.asarray(probability, dtype='float64')), pa.array(np.asarray(decision, dtype=bool)),
              pa.array([str(version)] * n, pa.string()), pa.array(stamp, t[-3]), pa.array(list(request_ids), pa.string()),
