@@ -127,5 +127,5 @@ retrain: rebuild ## retrain on the data in data/raw (every task again), then the
 .PHONY: stress
 
 STRESS_ARGS ?=
-stress: data ## the service under load (120 s, concurrency 32) and schema fuzzing: errors, p99, memory, 5xx (bench/results-stress.md)
+stress: data ## the service under load (120 s, concurrency 32), schema fuzzing, hostile input: errors, p99, memory, 5xx, readiness (bench/results-stress.md)
 	$(BIN)/python bench/stress.py $(STRESS_ARGS)

@@ -1,7 +1,7 @@
 """The BentoML service: the MLflow champion behind /predict (JSON records, adaptive batching) and /predict_file
 (a parquet or CSV file). Its logic lives in nbs_lib.serving (notebooks/lib/10_serving.ipynb); its request schema is
 generated from the data spec (`table:` in params.yaml); its parameters are the `serve:` stage; its build options
-live in bentofile.yaml. `make serve` imports the champion from MLflow and runs `bentoml serve` on this class."""
+and description live in bentofile.yaml. `make serve` imports the champion from MLflow and runs `bentoml serve` on it."""
 from __future__ import annotations
 import os
 # one OpenMP thread per model call (before scikit-learn loads): a worker's calls do not oversubscribe the cores,
@@ -18,6 +18,9 @@ except S.UserError as e: raise SystemExit(f"error: {e}") from None
 Record = S.record_model(CFG.spec, CFG.categories, CFG.example)
 Records = S.request_type(Record, CFG.s['max_batch'])
 Prediction = CFG.Prediction
+# hostile clients (issue 18): a deadline for each request's headers (slow-loris), one WARNING line per bad request
+S.guard_connections(CFG.s['header_timeout_s'], CFG.s['keep_alive_s'])
+S.quiet_client_errors()
 
 
 @bentoml.service(name=BENTO['name'], workers=CFG.s['workers'], traffic={'timeout': CFG.s['timeout_s']})
@@ -47,5 +50,8 @@ class Predictor:
         self.rt.close()
 
 
+# outermost: body size limit (413), body deadline (408), a client that leaves (499), short 400 answers, the docs' info
+Predictor.add_asgi_middleware(S.RequestGuard, max_body_mb=CFG.s['max_body_mb'], body_timeout_s=CFG.s['body_timeout_s'],
+                              info=S.docs_info(CFG, BENTO))
 # a malformed multipart body answers 400 here; inside BentoML it would be a 500 (see nbs_lib.serving.MultipartCheck)
 Predictor.add_asgi_middleware(S.MultipartCheck)

@@ -8,6 +8,9 @@ API, imported into a BentoML store of its own and served by `bentoml serve` on 1
    against the champion's in-process predict_proba on the same rows (goal: HTTP >= 0.5x in-process)
 2. single-row /predict latency p50/p99 at concurrency 1 and 32 (goal: p99 < 20 ms at concurrency 1)
 3. the same with adaptive batching off (serve.batching.enabled: false), on a second server
+4. what the journal of answered predictions costs (serve.journal, issue 18): PredictionLog.append per request
+   in-process, journal on against off, and single-row /predict latency at concurrency 1 on two servers, on against off
+   (`--only journal` runs just these)
 Medians of --repeats runs; every loop is bounded. Prints one table and writes bench/results-serving.md.
 """
 from __future__ import annotations
@@ -47,8 +50,10 @@ def main() -> None:
     ap.add_argument('--frac', type=float, default=0.03, help='sample of the data the model is trained on')
     ap.add_argument('--requests', type=int, default=640, help='single-row requests per latency figure')
     ap.add_argument('--warmup', type=float, default=8.0, help='seconds of load at each concurrency before it is measured')
-    ap.add_argument('--out', default=str(HERE/'results-serving.md'))
+    ap.add_argument('--out', help='default: bench/results-serving.md (bench/results-journal.md with --only journal)')
+    ap.add_argument('--only', choices=['journal'], help='run only these figures')
     a = ap.parse_args()
+    a.out = a.out or str(HERE/('results-journal.md' if a.only else 'results-serving.md'))
     import httpx, mlflow, pandas as pd
     from mlflow.tracking import MlflowClient
     from nbs_lib.serving import compile_pipeline, free_port, json_records, start_server, stop_server, wait_ready
@@ -65,7 +70,10 @@ def main() -> None:
     MlflowClient().set_registered_model_alias('flights-delay', 'champion', mv.version)
     nbs(root, 'serve', 'import', BENTOML_HOME=home, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR='false')
 
-    test = pd.read_parquet(root/'build/features/test.parquet').drop(columns=['late'])
+    from nbs_lib.config import load_params
+    from nbs_lib.data import DataSpec
+    spec = DataSpec.from_params(load_params(root/'params.yaml'))
+    test = pd.read_parquet(root/'build/features/test.parquet').drop(columns=[spec.target])
     X = pd.concat([test] * math.ceil(a.rows / len(test)), ignore_index=True).head(a.rows)
     model = load_model('models:/flights-delay@champion')
     model.predict_proba(X.head(100))
@@ -100,7 +108,7 @@ def main() -> None:
         rows.append((what, f'{value:,.1f} {unit}', f'{baseline:,.1f} {unit} ({base_name})' if baseline else '', ratio, goal))
         print(' | '.join(rows[-1]), flush=True)
 
-    for batching in (True, False):
+    for batching in (() if a.only else (True, False)):
         set_params(root, **{'serve.batching.enabled': batching, 'serve.max_batch': max_batch})
         port = free_port(); url = f'http://127.0.0.1:{port}'; log = tmp/f'server-{batching}.log'
         proc = start_server(root, port, env_for(root, BENTOML_HOME=home), log)
@@ -137,7 +145,7 @@ def main() -> None:
                 results[(batching, conc)] = (p50, p99, rps)
         finally:
             stop_server(proc)
-    for conc in (1, 32):
+    for conc in (() if a.only else (1, 32)):
         (p50, p99, rps), (q50, q99, qps) = results[(True, conc)], results[(False, conc)]
         row(f'2. single row, concurrency {conc}, batching on: p50', p50, q50, 'batching off', 'ms')
         row(f'2. single row, concurrency {conc}, batching on: p99', p99, q99, 'batching off', 'ms', '< 20 ms' if conc == 1 else '')
@@ -146,14 +154,54 @@ def main() -> None:
             row('2. single row, concurrency 1, batching off: p50', q50, one_p50, 'in-process predict_proba of 1 row', 'ms')
             row('2. single row, concurrency 1, batching off: p99', q99, one_p99, 'in-process predict_proba of 1 row', 'ms', '< 20 ms')
             row('2. in-process, 1 row: the service\'s compiled pipeline, p50', fast_p50, one_p50, 'in-process predict_proba of 1 row', 'ms')
+    journal_rows(root, home, X, recs, a, row, tmp)
     env = (f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}, '
            f'1 worker, model trained on a {a.frac} sample, medians of {a.repeats} runs')
     head = '| figure | value | baseline (same run) | ratio | goal |\n|---|---|---|---|---|\n'
     table = head + '\n'.join('| ' + ' | '.join(r) + ' |' for r in rows)
+    only = f' --only {a.only}' if a.only else ''
     text = (f'# Serving benchmark\n\n`python bench/bench_serving.py --repeats {a.repeats} --rows {a.rows} --frac {a.frac} '
-            f'--requests {a.requests} --warmup {a.warmup}`\n\n{env}\n\n{table}\n')
+            f'--requests {a.requests} --warmup {a.warmup}{only}`\n\n{env}\n\n{table}\n')
     Path(a.out).write_text(text)
     print('\n' + table + f'\n\n{env}\nwritten to {a.out}')
+
+
+def journal_rows(root: Path, home: str, X, recs: list[dict], a, row, tmp: Path) -> None:
+    """Figure 4: the journal's cost per request, in-process (PredictionLog.append) and over HTTP, on against off."""
+    import numpy as np
+    from nbs_lib.config import load_params
+    from nbs_lib.data import DataSpec
+    spec = DataSpec.from_params(load_params(root/'params.yaml'))
+    from nbs_lib.serving import PredictionLog, check_frame, free_port, start_server, stop_server, wait_ready
+    n = max(a.requests, 200)
+    for rows in (1, 10, 1000):
+        Xr = check_frame(X.head(rows), spec); p = np.full(rows, 0.25); rid = ['r' * 32] * rows; now = [time.time()] * rows
+        def per_append(journal: bool) -> float:
+            d = Path(tempfile.mkdtemp(dir=tmp))
+            log = PredictionLog(d, spec, flush_rows=10**9, flush_seconds=3600, journal=journal)
+            try:
+                for _ in range(20): log.append(Xr, p, p >= 0.3, '1', rid, now)  # warm
+                t0 = time.perf_counter()
+                for _ in range(n): log.append(Xr, p, p >= 0.3, '1', rid, now)
+                return (time.perf_counter() - t0) / n * 1e6
+            finally: log.close()
+        on = statistics.median(per_append(True) for _ in range(a.repeats))
+        off = statistics.median(per_append(False) for _ in range(a.repeats))
+        row(f'4a. journal: PredictionLog.append of a {rows}-row request, journal on', on, off, 'journal off', 'us')
+    lat = {}
+    for journal in (True, False):
+        set_params(root, **{'serve.batching.enabled': True, 'serve.journal': journal})
+        port = free_port(); url = f'http://127.0.0.1:{port}'; log = tmp/f'server-journal-{journal}.log'
+        proc = start_server(root, port, env_for(root, BENTOML_HOME=home), log)
+        try:
+            wait_ready(url, proc, 300, log)
+            asyncio.run(_latencies(url, recs[0], 1, 100))  # warm
+            runs = [asyncio.run(_latencies(url, recs[0], 1, a.requests)) for _ in range(a.repeats)]
+            lat[journal] = (statistics.median(_pct(l, 0.5) for l, _ in runs), statistics.median(statistics.mean(l) for l, _ in runs))
+        finally:
+            stop_server(proc)
+    row('4b. journal: single row over HTTP, concurrency 1, p50, journal on', lat[True][0], lat[False][0], 'journal off', 'ms')
+    row('4b. journal: single row over HTTP, concurrency 1, mean, journal on', lat[True][1], lat[False][1], 'journal off', 'ms')
 
 
 if __name__ == '__main__':

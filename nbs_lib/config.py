@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 # %% auto #0
 __all__ = ['Num', 'STAGES', 'METRICS', 'GATE_METRICS', 'UserError', 'ParamsError', 'DataError', 'project_root', 'load_params',
            'get', 'Data', 'Column', 'Target', 'Derive', 'Table', 'Split', 'Train', 'Evaluate', 'Tracking', 'Registry',
-           'Bootstrap', 'Gate', 'Sweep', 'Batching', 'Serve', 'Monitor', 'greater_is_better', 'stage', 'check_stage',
-           'check_params', 'tracking_uri']
+           'Bootstrap', 'Gate', 'Sweep', 'Batching', 'Timeouts', 'Serve', 'Monitor', 'greater_is_better', 'stage',
+           'check_stage', 'check_params', 'tracking_uri']
 
 # %% ../notebooks/lib/00_config.ipynb #017357cd
 class UserError(ValueError):
@@ -197,6 +197,12 @@ class Batching(_Stage):
     max_batch_size: StrictInt = Field(ge=2)
     max_latency_ms: StrictInt = Field(ge=1)
 
+class Timeouts(_Stage):
+    "Seconds a client may hold a connection: to finish its headers, idle between requests, to send its body."
+    header_s: Num = Field(10, ge=0.1, le=3600)
+    keep_alive_s: Num = Field(5, ge=0.1, le=3600)
+    body_s: Num = Field(30, ge=0.1, le=3600)
+
 class Serve(_Stage):
     bentoml_home: StrictStr
     host: StrictStr
@@ -211,6 +217,10 @@ class Serve(_Stage):
     log_flush_rows: StrictInt = Field(ge=1)
     log_flush_seconds: Num = Field(ge=0.01)
     shadow: StrictBool
+    journal: StrictBool = True
+    max_body_mb: Num = Field(64, ge=0.001)
+    max_file_mb: Num = Field(512, ge=1)
+    timeouts: Timeouts = Timeouts()
 
     @model_validator(mode='after')
     def _batch(self):

@@ -5,7 +5,7 @@ scoring, the prediction log the monitoring stage reads, importing MLflow aliases
 
 # %% ../notebooks/lib/10_serving.ipynb #e3785754
 from __future__ import annotations
-import argparse, datetime as dt, json, logging, os, re, shutil, subprocess, sys, threading, time, uuid
+import argparse, datetime as dt, fcntl, json, logging, os, re, shutil, subprocess, sys, threading, time, uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,18 +17,22 @@ from .data import DataSpec
 from .models import derive_function, derived_frame
 
 # %% auto #0
-__all__ = ['DTYPES', 'ALIASES', 'KEY_METRICS', 'ENGINES', 'serve_params', 'FieldSpec', 'fields', 'RecordBase', 'record_model',
-           'request_type', 'check_frame', 'records_frame', 'fitted_categories', 'compile_pipeline', 'Scorer',
-           'log_schema', 'log_columns', 'log_frame', 'PredictionLog', 'read_prediction_log', 'bentofile',
-           'bento_model_name', 'bentoml_home', 'resolve_alias', 'import_alias', 'ServiceConfig', 'service_config',
-           'prediction_model', 'Runtime', 'MultipartCheck', 'start_server', 'wait_ready', 'free_port', 'json_records',
-           'stop_server', 'container_engine', 'build_bento', 'dockerfile', 'main']
+__all__ = ['DTYPES', 'ALIASES', 'KEY_METRICS', 'FILE_FIELDS', 'MAX_FILENAME', 'MAX_ERRORS', 'ERROR_DETAIL', 'ENGINES',
+           'serve_params', 'FieldSpec', 'fields', 'known_keys', 'RecordBase', 'record_model', 'request_type',
+           'check_frame', 'records_frame', 'fitted_categories', 'compile_pipeline', 'Scorer', 'log_batch',
+           'write_table', 'Journal', 'read_journal', 'recover_journals', 'log_schema', 'log_columns', 'log_frame',
+           'PredictionLog', 'read_prediction_log', 'bentofile', 'bento_model_name', 'bentoml_home', 'resolve_alias',
+           'import_alias', 'ServiceConfig', 'service_config', 'prediction_model', 'Runtime', 'decoded_bytes',
+           'check_upload', 'upload_problem', 'MultipartCheck', 'cut_errors', 'patch_openapi', 'RequestGuard',
+           'docs_info', 'guard_connections', 'QuietClientErrors', 'quiet_client_errors', 'start_server', 'wait_ready',
+           'free_port', 'json_records', 'stop_server', 'container_engine', 'build_bento', 'dockerfile', 'main']
 
 # %% ../notebooks/lib/10_serving.ipynb #714ec471
 def serve_params(p: dict) -> dict:
     "The `serve:` stage of params `p` checked (config.Serve), flattened for the service, threshold and task resolved."
-    s = stage(p, 'serve'); b = s.pop('batching')
-    out = {**s, 'batching': b['enabled'], 'max_batch_size': b['max_batch_size'], 'max_latency_ms': b['max_latency_ms']}
+    s = stage(p, 'serve'); b = s.pop('batching'); t = s.pop('timeouts')
+    out = {**s, 'batching': b['enabled'], 'max_batch_size': b['max_batch_size'], 'max_latency_ms': b['max_latency_ms'],
+           'header_timeout_s': t['header_s'], 'keep_alive_s': t['keep_alive_s'], 'body_timeout_s': t['body_s']}
     out['task'] = stage(p, 'table')['target']['task']
     out['threshold'] = stage(p, 'evaluate')['threshold'] if s['threshold'] is None else s['threshold']
     out['model_name'] = stage(p, 'registry')['model_name']
@@ -57,6 +61,15 @@ def fields(spec: DataSpec) -> dict[str, FieldSpec]:
         out[c] = FieldSpec(kind, lo, hi, cs['nullable'], cs['doc'], cs['gt'], tuple(cs['categories']) if cs['categories'] else None)
     return out
 
+# %% ../notebooks/lib/10_serving.ipynb #h18-keys
+def known_keys(data: Any, fields) -> Any:
+    "`data` unchanged, or ONE error naming its first unknown keys and their count (pydantic alone gives one per key)."
+    if not isinstance(data, dict): return data
+    extra = [k for k in data if k not in fields]
+    if not extra: return data
+    names = ', '.join(repr(str(k)[:40]) for k in extra[:5]) + (', ...' if len(extra) > 5 else '')
+    raise ValueError(f"{len(extra)} unknown field{'s' if len(extra) > 1 else ''} ({names}); a record has exactly the fields {', '.join(fields)}")
+
 # %% ../notebooks/lib/10_serving.ipynb #9834708c
 def _hhmm(v: int) -> int:
     if v % 100 > 59: raise ValueError(f'{v} is not a valid hhmm time: minutes must be 00-59')
@@ -68,6 +81,10 @@ class RecordBase(BaseModel):
     _request_id: str | None = PrivateAttr(default=None)
     _received: float | None = PrivateAttr(default=None)
     _date_parts = None  # (year, month, day) column names, set by record_model from the spec
+
+    @model_validator(mode='before')
+    @classmethod
+    def _known_keys(cls, data): return known_keys(data, cls.model_fields)
 
     @model_validator(mode='after')
     def _valid_date(self):
@@ -116,8 +133,8 @@ def request_type(record: type[BaseModel], max_batch: int):
 # %% ../notebooks/lib/10_serving.ipynb #b15d7937
 def _first(mask: pd.Series, values: pd.Series) -> str:
     i, n = int(np.flatnonzero(mask.to_numpy())[0]), int(mask.sum())
-    v = values.iloc[i]; v = v.item() if hasattr(v, 'item') else v
-    return f"{n} row{'s' if n > 1 else ''} (first at row {i}: {v!r})"
+    v = values.iloc[i]; v = v.item() if isinstance(v, np.generic) else v
+    return f"{n} row{'s' if n > 1 else ''} (first at row {i}: {v!r:.80})"
 
 def check_frame(df: pd.DataFrame, spec: DataSpec, max_rows: int | None = None) -> pd.DataFrame:
     "The input columns of `df` with the training dtypes; DataError naming the first column that breaks the spec."
@@ -257,6 +274,115 @@ class Scorer:
         if not any(f.any() for f in flags.values()): return [[] for _ in range(len(X))]
         return [[c for c, f in flags.items() if f[i]] for i in range(len(X))]
 
+# %% ../notebooks/lib/10_serving.ipynb #h18-journal
+_SCHEMAS = {}  # id(spec) -> its log schema (built once: log_batch is on the request path)
+
+def log_batch(X: pd.DataFrame, spec: DataSpec, score, decision, version: str, request_ids, received, shadow: bool = False):
+    "The rows of `log_frame` as one pyarrow RecordBatch of `log_schema(spec)`, built from the arrays (no frame: it is on the request's path)."
+    import pyarrow as pa
+    schema = _SCHEMAS.get(id(spec)) or _SCHEMAS.setdefault(id(spec), log_schema(spec))
+    n, t, inputs = len(X), schema.types, spec.inputs
+    if n <= 64 and list(X.columns) == inputs:  # a few rows (the common request): one conversion beats a lookup per column
+        V = X.to_numpy(dtype=object)
+        cols = [pa.array(V[:, i], type=t[i], from_pandas=True) for i in range(len(inputs))]  # NaN: null, as in parquet
+    else: cols = [pa.array(X[c].to_numpy(), type=t[i], from_pandas=True) for i, c in enumerate(inputs)]
+    stamp = np.round(np.asarray(received, dtype='float64') * 1e6).astype('int64')
+    cols += [pa.array(np.asarray(score, dtype='float64'))] + ([pa.array(np.asarray(decision, dtype=bool))] if spec.task == 'binary' else [])
+    cols += [pa.array([str(version)] * n, pa.string()), pa.array(stamp, t[-3]), pa.array(list(request_ids), pa.string()),
+             pa.array(np.full(n, bool(shadow)))]
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+def write_table(table, path: Path, sync: bool = False) -> Path:
+    "Write `table` to `path` through a hidden temporary name and an atomic rename (fsynced first with `sync`)."
+    import pyarrow.parquet as pq
+    path = Path(path); tmp = path.parent/f'.{path.name}.tmp'
+    pq.write_table(table, tmp)
+    if sync:
+        fd = os.open(tmp, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+    os.replace(tmp, path)
+    if sync:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+    return path
+
+class _Segment:
+    "One journal file of this process, locked while it lives; its rows go to `parquet` when flushed."
+    def __init__(self, folder: Path, name: str):
+        self.path, self.parquet = folder/f'.journal-{name}.arrows', folder/f'predictions-{name}.parquet'
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self._file, self._writer = open(self.fd, 'wb', buffering=0, closefd=False), None
+
+    def write(self, batch) -> None:
+        import pyarrow as pa
+        if self._writer is None: self._writer = pa.ipc.new_stream(self._file, batch.schema)
+        self._writer.write_batch(batch)  # unbuffered: in the OS's page cache when this returns
+
+    def remove(self) -> None:
+        os.unlink(self.path); os.close(self.fd)
+
+class Journal:
+    "Append-only journal of a process's prediction-log rows, in segments that each flush of the log rotates."
+    def __init__(self, folder: str | Path, spec: DataSpec):
+        self.folder, self.spec, self._seq = Path(folder), spec, 0
+        self.segment = self._open()
+
+    def _open(self) -> _Segment:
+        self._seq += 1
+        stamp = dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')
+        return _Segment(self.folder, f'{stamp}-{os.getpid()}-{self._seq:06d}')
+
+    def write(self, *rows) -> None:
+        "Append the rows (the arguments of `log_frame`) to the open segment."
+        self.segment.write(log_batch(rows[0], self.spec, *rows[1:]))
+
+    def rotate(self) -> _Segment:
+        "Start a new segment; returns the previous one (to `remove` once its rows are in parquet)."
+        old, self.segment = self.segment, self._open()
+        return old
+
+    def sync(self) -> None:
+        "fsync the open segment: what it holds then survives power loss."
+        os.fsync(self.segment.fd)
+
+    def close(self) -> None:
+        "Remove the open segment (call after the last flush, when it holds nothing)."
+        self.segment.remove()
+
+def read_journal(path: str | Path, spec: DataSpec):
+    "The complete batches of a journal segment as a table (a batch cut short by a kill is left out)."
+    import pyarrow as pa
+    batches = []
+    with open(path, 'rb') as f:
+        try:
+            r = pa.ipc.open_stream(f)
+            while True: batches.append(r.read_next_batch())
+        except StopIteration: pass
+        except (pa.ArrowInvalid, OSError): pass  # empty, or torn at the end
+    return pa.Table.from_batches(batches, schema=log_schema(spec))
+
+def recover_journals(folder: str | Path, spec: DataSpec) -> int:
+    "Turn every journal segment under `folder` that no live process holds into its parquet file, once; rows recovered."
+    n = 0
+    for p in sorted(Path(folder).glob('.journal-*.arrows')):
+        try: fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError: continue
+        try:
+            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError: continue  # its writer is alive
+            if os.fstat(fd).st_nlink == 0: continue  # another worker recovered it meanwhile
+            dst = p.parent/f"predictions-{p.name[len('.journal-'):-len('.arrows')]}.parquet"
+            if not dst.exists():
+                t = read_journal(p, spec)
+                if t.num_rows: write_table(t, dst, sync=True); n += t.num_rows
+            os.unlink(p)
+        finally: os.close(fd)
+    if n: logging.getLogger(__name__).warning('prediction log: recovered %d rows from the journal of a stopped worker', n)
+    return n
+
 # %% ../notebooks/lib/10_serving.ipynb #0cbe3b48
 def log_schema(spec: DataSpec):
     "The pyarrow schema of the prediction log (the same in every file, even when a column is all null)."
@@ -281,45 +407,54 @@ def log_frame(X: pd.DataFrame, spec: DataSpec, score, decision, version: str, re
     return out
 
 class PredictionLog:
-    "Buffered, process-safe parquet log: this process's rows go to its own files, each written atomically."
-    def __init__(self, folder: str | Path, spec: DataSpec, flush_rows: int = 1000, flush_seconds: float = 2.0):
+    "Buffered, process-safe parquet log: this process's rows go to its own files, each written atomically; `journal`: each append is handed to the OS first."
+    def __init__(self, folder: str | Path, spec: DataSpec, flush_rows: int = 1000, flush_seconds: float = 2.0, journal: bool = False):
         self.folder = Path(folder); self.folder.mkdir(parents=True, exist_ok=True); self.spec = spec
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self._buf, self._n, self._seq, self._lock = [], 0, 0, threading.Lock()
+        self.recovered = recover_journals(self.folder, spec) if journal else 0  # rows a killed worker had answered
+        self.journal = Journal(self.folder, spec) if journal else None
         self._stop, self._full = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._loop, name='prediction-log', daemon=True); self._thread.start()
 
     def append(self, X: pd.DataFrame, probability, decision, version: str, request_ids, received, shadow: bool = False) -> None:
         "Add scored records (the arguments of `log_frame`); the frame is built when written, off the request's path."
         with self._lock:
+            if self.journal is not None: self.journal.write(X, probability, decision, version, request_ids, received, shadow)
             self._buf.append((X, probability, decision, version, request_ids, received, shadow)); self._n += len(X)
             if self._n >= self.flush_rows: self._full.set()  # the writer thread writes it, not the request
 
     def flush(self) -> Path | None:
         "Write the buffered rows to a new file; returns its path (None when the buffer was empty)."
-        import pyarrow as pa, pyarrow.parquet as pq
+        import pyarrow as pa
         with self._lock:
             if not self._buf: return None
             buf, self._buf, self._n = self._buf, [], 0
             df = pd.concat([log_frame(b[0], self.spec, *b[1:]) for b in buf], ignore_index=True)
             self._seq += 1; seq = self._seq
             stamp = dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')
-            path = self.folder/f'predictions-{stamp}-{os.getpid()}-{seq:06d}.parquet'
-            tmp = self.folder/f'.{path.name}.tmp'
+            seg = self.journal.rotate() if self.journal is not None else None  # the journal of exactly these rows
+            path = seg.parquet if seg is not None else self.folder/f'predictions-{stamp}-{os.getpid()}-{seq:06d}.parquet'
             schema = log_schema(self.spec)
-            pq.write_table(pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False), tmp)
-            os.replace(tmp, path)
+            write_table(pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False), path, sync=seg is not None)
+            if seg is not None: seg.remove()
         return path
 
     def _loop(self):
         while not self._stop.is_set():
             self._full.wait(self.flush_seconds); self._full.clear()
-            try: self.flush()
+            try:
+                self.flush()
+                with self._lock:  # power loss loses at most about flush_seconds
+                    if self.journal is not None: self.journal.sync()
             except Exception: logging.getLogger(__name__).exception('prediction log: flush failed')
 
     def close(self) -> None:
         "Stop the writer thread and write what is buffered."
         self._stop.set(); self._full.set(); self._thread.join(timeout=10); self.flush()
+        with self._lock:
+            if self.journal is not None and not self._buf: self.journal.close()  # rows after the flush: left to recover
+            self.journal = None
 
 def read_prediction_log(folder: str | Path, spec: DataSpec) -> pd.DataFrame:
     "Every row of the prediction log under `folder`, oldest first (an empty frame with the log's columns when there is none)."
@@ -331,7 +466,7 @@ def read_prediction_log(folder: str | Path, spec: DataSpec) -> pd.DataFrame:
 
 # %% ../notebooks/lib/10_serving.ipynb #7639ff54
 ALIASES = ('champion', 'challenger')
-KEY_METRICS = ('test_roc_auc', 'test_log_loss', 'test_brier', 'test_f1', 'test_accuracy')
+KEY_METRICS = ('test_roc_auc', 'test_log_loss', 'test_brier', 'test_f1', 'test_accuracy', 'test_rmse', 'test_mae', 'test_r2')
 
 def bentofile(root: Path) -> dict:
     "bentofile.yaml of the project at `root` (the service target and the Bento's name live there only)."
@@ -484,7 +619,7 @@ class Runtime:
         self.Prediction = cfg.Prediction
         self.champion = _load(cfg.champion, s['threshold'], spec)
         self.challenger = _load(cfg.challenger, s['threshold'], spec) if cfg.challenger is not None else None
-        self.log = PredictionLog(cfg.root/s['prediction_log'], spec, s['log_flush_rows'], s['log_flush_seconds'])
+        self.log = PredictionLog(cfg.root/s['prediction_log'], spec, s['log_flush_rows'], s['log_flush_seconds'], s['journal'])
         if cfg.example:  # warm up (the first call on a fresh model is slow, and must not count against a request), and
             # check the compiled pipeline against the model's own on the example, an unknown category and missing values
             odd = {**cfg.example, **{c: '?' for c in spec.categorical[:1]}, **{c: None for c, f in self.fields.items() if f.nullable}}
@@ -525,6 +660,7 @@ class Runtime:
 
     def predict_file(self, path: Path, out_dir: str | Path) -> Path:
         "Score a parquet or CSV file; the scored rows (its columns + probability and decision, or prediction; model_version) in the same format."
+        check_upload(Path(path), self.cfg.s['max_file_rows'], self.cfg.s['max_file_mb'], self.cfg.spec.inputs)  # from the footer, before decoding
         df, kind = _read_upload(Path(path), self.cfg.spec)
         X = check_frame(df, self.cfg.spec, self.cfg.s['max_file_rows'])
         rid = uuid.uuid4().hex; now = time.time()
@@ -540,6 +676,56 @@ class Runtime:
         "Finish shadow work and write the buffered log."
         if self._shadow is not None: self._shadow.shutdown(wait=True)
         self.log.close()
+
+# %% ../notebooks/lib/10_serving.ipynb #h18-upload
+_WIDTH = {'BOOLEAN': 1, 'INT32': 4, 'FLOAT': 4, 'INT64': 8, 'DOUBLE': 8, 'INT96': 12}  # bytes per decoded value; strings 16
+
+def _width(c) -> int:
+    "Decoded bytes per row of a column chunk: its type's width; a string's longest value (or, without statistics, its whole dictionary)."
+    if c.physical_type in _WIDTH: return _WIDTH[c.physical_type]
+    st = c.statistics
+    if st is not None and st.has_min_max: return 16 + max(len(st.min), len(st.max))
+    return 16 + (c.total_uncompressed_size if c.has_dictionary_page else 0)  # any row may repeat the longest dictionary entry
+
+def decoded_bytes(md) -> int:
+    "About how many bytes a parquet file decodes to, from its metadata `md` alone (never less than its uncompressed pages)."
+    n = 0
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        for j in range(rg.num_columns):
+            c = rg.column(j)
+            n += max(c.total_uncompressed_size, rg.num_rows * _width(c))
+    return n
+
+def check_upload(path: Path, max_rows: int, max_mb: float, inputs: list[str]) -> None:
+    "DataError when an upload has more than `max_rows` rows, decodes to over `max_mb` MiB or has nested input columns: read from its footer."
+    with open(path, 'rb') as f: head = f.read(4)
+    if head != b'PAR1':
+        with open(path, 'rb') as f: lines = sum(b.count(b'\n') for b in iter(lambda: f.read(1 << 20), b''))
+        if lines - 1 > max_rows: raise DataError(f"the file has about {lines - 1} rows, more than serve.max_file_rows={max_rows}")
+        return
+    import pyarrow as pa, pyarrow.parquet as pq
+    try: md = pq.read_metadata(path); schema = md.schema.to_arrow_schema()
+    except Exception as e:
+        raise DataError(f"file: not a parquet or CSV file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if md.num_rows > max_rows: raise DataError(f"the file has {md.num_rows} rows, more than serve.max_file_rows={max_rows}")
+    nested = [f for f in schema if f.name in inputs and pa.types.is_nested(f.type)]
+    if nested: raise DataError(f"column '{nested[0].name}': {nested[0].type} values; a file needs one value per row and column")
+    if (size := decoded_bytes(md)) > max_mb * 2**20:
+        raise DataError(f"the file decodes to about {size / 2**20:,.0f} MiB, more than serve.max_file_mb={max_mb:g}")
+
+# %% ../notebooks/lib/10_serving.ipynb #h18-parts
+FILE_FIELDS = ('file',)  # multipart fields BentoML reads as files (`Path` arguments)
+MAX_FILENAME = 200       # bytes: BentoML keeps the upload's name in a temporary file name (NAME_MAX is 255)
+
+def upload_problem(form) -> str | None:
+    "What is wrong with the parts of a parsed multipart form (a string where a file goes, a file name too long), or None."
+    for name, v in form.multi_items():
+        if isinstance(v, str) and name in FILE_FIELDS:
+            return f"field '{name}' must be an uploaded file (curl -F {name}=@rows.parquet), not a string: a URL or path is never fetched"
+        if not isinstance(v, str) and len((v.filename or '').encode()) > MAX_FILENAME:
+            return f"field '{name}': file name of {len(v.filename.encode())} bytes, at most {MAX_FILENAME}"
+    return None
 
 # %% ../notebooks/lib/10_serving.ipynb #b0e676d5
 class MultipartCheck:
@@ -573,10 +759,181 @@ class MultipartCheck:
             error = None
             if b'boundary=' not in ctype: error = 'multipart Content-Type without a boundary'
             else:
-                try: await (await Request(scope, replay()).form()).close()
+                try:
+                    form = await Request(scope, replay()).form()
+                    error = upload_problem(form); await form.close()
                 except Exception as e: error = f'malformed multipart body: {getattr(e, "message", None) or getattr(e, "detail", None) or e}'
             if error: return await JSONResponse({'error': error}, status_code=400)(scope, receive, send)
             await self.app(scope, replay(receive), send)
+
+# %% ../notebooks/lib/10_serving.ipynb #h18-guard
+MAX_ERRORS = 20  # problems listed in a 400 answer
+ERROR_DETAIL = {'type': 'array', 'title': 'Error Detail', 'description': f'the first {MAX_ERRORS} problems',
+                'items': {'type': 'object', 'properties': {'loc': {'type': 'array', 'items': {'anyOf': [{'type': 'string'}, {'type': 'integer'}]}},
+                                                           'msg': {'type': 'string'}, 'type': {'type': 'string'}, 'url': {'type': 'string'}}}}
+
+def cut_errors(body: bytes, n: int = MAX_ERRORS) -> bytes:
+    "A JSON 400 answer with its `detail` list cut to the first `n` problems, their number in `error` and `error_count`."
+    try: d = json.loads(body)
+    except ValueError: return body
+    if not isinstance(d, dict) or not isinstance(d.get('detail'), list): return body
+    total = len(d['detail'])
+    listed = f'the first {n} are listed' if total > n else 'listed'
+    d.update(error=f"{total} problem{'s' if total != 1 else ''} in the request ({listed} in detail)", detail=d['detail'][:n], error_count=total)
+    return json.dumps(d).encode()
+
+def patch_openapi(spec: dict, info: dict) -> dict:
+    "The OpenAPI document `spec` with `info` merged into its info, and error schemas' `detail` as the list it is."
+    spec['info'] = {k: v for k, v in {**spec.get('info', {}), **info}.items() if k != 'contact'}
+    for schema in spec.get('components', {}).get('schemas', {}).values():
+        props = schema.get('properties', {}) if isinstance(schema, dict) else {}
+        if isinstance(props.get('detail'), dict) and props['detail'].get('type') == 'string':
+            props['detail'] = ERROR_DETAIL; props['error_count'] = {'type': 'integer', 'title': 'Problems in all'}
+    return spec
+
+async def _answer(send, status: int, error: str) -> None:
+    body = json.dumps({'error': error}).encode()
+    await send({'type': 'http.response.start', 'status': status,
+                'headers': [(b'content-type', b'application/json'), (b'content-length', str(len(body)).encode()), (b'connection', b'close')]})
+    await send({'type': 'http.response.body', 'body': body})
+
+def _rewrite(send, when, change):
+    "A `send` that holds a response for which `when(start message)` is true, and sends `change(body)` instead."
+    held, chunks = None, []
+    async def wrapped(msg):
+        nonlocal held
+        if msg['type'] == 'http.response.start' and when(msg): held = msg; return
+        if held is None or msg['type'] != 'http.response.body': return await send(msg)
+        chunks.append(msg.get('body', b''))
+        if msg.get('more_body'): return
+        body = change(b''.join(chunks))
+        headers = [(k, v) for k, v in held.get('headers', []) if k.lower() != b'content-length'] + [(b'content-length', str(len(body)).encode())]
+        await send({**held, 'headers': headers}); await send({'type': 'http.response.body', 'body': body})
+    return wrapped
+
+def _json(msg) -> bool: return dict(msg.get('headers', [])).get(b'content-type', b'').startswith(b'application/json')
+
+class RequestGuard:
+    "ASGI middleware: body size limit (413), body deadline (408), a client that leaves (499), uploads as files only, short 400s, the docs' info."
+    chunk = 1 << 16
+
+    def __init__(self, app, max_body_mb: float = 64, body_timeout_s: float = 30, upload_paths=('/predict_file',),
+                 info: dict | None = None, max_errors: int = MAX_ERRORS) -> None:
+        self.app, self.max_body, self.body_timeout = app, int(max_body_mb * 2**20), body_timeout_s
+        self.upload_paths, self.info, self.max_errors = tuple(upload_paths), info or {}, max_errors
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope['type'] != 'http': return await self.app(scope, receive, send)
+        if scope['path'].endswith('/docs.json'):
+            patch = lambda b: json.dumps(patch_openapi(json.loads(b), self.info)).encode()
+            return await self.app(scope, receive, _rewrite(send, lambda m: m['status'] == 200, patch))
+        if scope['method'] in ('GET', 'HEAD', 'OPTIONS'): return await self.app(scope, receive, send)
+        headers = dict(scope.get('headers', ()))
+        size = headers.get(b'content-length', b'')
+        if size.isdigit() and int(size) > self.max_body:
+            return await _answer(send, 413, f'request body of {int(size):,} bytes, more than serve.max_body_mb={self.max_body / 2**20:g} MiB')
+        if scope['path'] in self.upload_paths and not headers.get(b'content-type', b'').lower().startswith(b'multipart/form-data'):
+            return await _answer(send, 400, "send the file as multipart/form-data in the field 'file' (curl -F file=@rows.parquet); a URL or path is never fetched")
+        import asyncio, tempfile
+        with tempfile.SpooledTemporaryFile(max_size=1 << 20) as body:
+            n, more, deadline = 0, True, time.monotonic() + self.body_timeout
+            while more:
+                try: msg = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+                except asyncio.TimeoutError:
+                    return await _answer(send, 408, f'request body not received within serve.timeouts.body_s={self.body_timeout:g} s')
+                if msg['type'] == 'http.disconnect':  # nobody to answer: counted and logged as the client's error
+                    return await _answer(send, 499, 'client closed the request before sending its body')
+                data = msg.get('body', b''); n += len(data); more = msg.get('more_body', False)
+                if n > self.max_body:
+                    return await _answer(send, 413, f'request body over serve.max_body_mb={self.max_body / 2**20:g} MiB')
+                body.write(data)
+            body.seek(0); done = False
+            async def replay():
+                nonlocal done
+                if done: return await receive()
+                data = body.read(self.chunk); done = len(data) < self.chunk
+                return {'type': 'http.request', 'body': data, 'more_body': not done}
+            await self.app(scope, replay, _rewrite(send, lambda m: m['status'] == 400 and _json(m), lambda b: cut_errors(b, self.max_errors)))
+        if n > 1 << 20: _trim()  # a large body's parsed objects are freed: give the pages back to the OS
+
+def _trim() -> None:
+    "Return freed heap pages to the operating system (glibc's malloc_trim; nothing elsewhere)."
+    import ctypes, ctypes.util
+    try: ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError): pass
+
+def docs_info(cfg, bento: dict) -> dict:
+    "The OpenAPI `info` of the service: the served model and version, the project's description (bentofile.yaml), its test metrics."
+    lb = cfg.champion.info.labels; name = lb.get('registered_model', cfg.s['model_name']); v = lb.get('version', '?')
+    metric = 'test_roc_auc' if cfg.spec.task == 'binary' else 'test_rmse'
+    return {'title': bento['name'], 'version': f'model {name} v{v}',
+            'description': f"{bento.get('description', '')}\n\nServes `models:/{name}@champion`: MLflow version {v}, run {lb.get('run_id', '?')}, "
+                           f"{metric} {lb.get(metric, '?')}. POST /predict takes JSON records of the columns {', '.join(cfg.spec.inputs)}; "
+                           "POST /predict_file a parquet or CSV file; each answer carries the model version and a request id."}
+
+# %% ../notebooks/lib/10_serving.ipynb #h18-conn
+_guarded_protocol = None  # uvicorn's HTTP/1.1 protocol with the header and keep-alive deadlines (guard_connections)
+
+def guard_connections(header_timeout_s: float = 10, keep_alive_s: float = 5) -> type:
+    "Make uvicorn close a connection whose request headers are not complete `header_timeout_s` after it opened or was last answered."
+    global _guarded_protocol
+    import h11, uvicorn.config
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        "uvicorn's h11 protocol with a deadline for each request's headers (uvicorn has none: a slow-loris holds a socket for ever)."
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw); self.timeout_keep_alive, self._deadline = keep_alive_s, None
+
+        def _arm(self) -> None:
+            self._disarm(); self._deadline = self.loop.call_later(header_timeout_s, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None: self._deadline.cancel(); self._deadline = None
+
+        def _expire(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing(): self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport); self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE: self._disarm()  # headers complete: the request's own timeouts apply
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE: self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm(); super().connection_lost(exc)
+
+    _guarded_protocol = GuardedH11Protocol
+    for name in ('auto', 'h11'): uvicorn.config.HTTP_PROTOCOLS[name] = f'{__name__}:_guarded_protocol'
+    return GuardedH11Protocol
+
+# %% ../notebooks/lib/10_serving.ipynb #h18-logs
+class QuietClientErrors(logging.Filter):
+    "Log filter: BentoML's ERROR with a traceback (which repeats the request's values) for a client's bad request becomes one WARNING line without values."
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        from pydantic import ValidationError
+        from bentoml.exceptions import BentoMLException
+        where = record.args[0] if isinstance(record.args, tuple) and record.args else '?'
+        if isinstance(exc, ValidationError):
+            first = (exc.errors(include_url=False, include_context=False, include_input=False) or [{}])[0]
+            loc = '.'.join(map(str, first.get('loc', ())))[:100]
+            record.msg, record.args = '%s: bad request, %d problem(s), the first at %s (%s)', (where, exc.error_count(), loc, first.get('type'))
+        elif isinstance(exc, BentoMLException) and int(exc.error_code) < 500:
+            record.msg, record.args = '%s: bad request (%s %s)', (where, int(exc.error_code), type(exc).__name__)
+        else: return True
+        record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, 'WARNING', None, None
+        return True
+
+def quiet_client_errors(logger: str = 'bentoml._internal.server.http_app') -> None:
+    "Install QuietClientErrors on the logger of BentoML's `log_exception` (once)."
+    lg = logging.getLogger(logger)
+    if not any(isinstance(f, QuietClientErrors) for f in lg.filters): lg.addFilter(QuietClientErrors())
 
 # %% ../notebooks/lib/10_serving.ipynb #08436392
 def start_server(root: str | Path, port: int, env: dict | None = None, log: str | Path | None = None,
