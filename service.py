@@ -1,5 +1,5 @@
 """The BentoML service: the MLflow champion behind /predict (JSON records, adaptive batching) and /predict_file
-(a parquet or CSV file). Its logic lives in nbs_lib.serving (notebooks/lib/10_serving.ipynb); its request schema is
+(a parquet or CSV file). Its logic lives in nbs_lib.serving (notebooks/lib/10_serving.ipynb and 10a-10d); its request schema is
 generated from the data spec (`table:` in params.yaml); its parameters are the `serve:` stage; its build options
 and description live in bentofile.yaml. `make serve` imports the champion from MLflow and runs `bentoml serve` on it."""
 from __future__ import annotations
@@ -10,17 +10,17 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 from pathlib import Path
 import bentoml
 from starlette.responses import JSONResponse
-from nbs_lib import serving as S
+from nbs_lib import guard, schema, serving as S
 
 ROOT = Path(__file__).resolve().parent
 try: CFG = S.service_config(ROOT); BENTO = S.bentofile(ROOT)
 except S.UserError as e: raise SystemExit(f"error: {e}") from None
-Record = S.record_model(CFG.spec, CFG.categories, CFG.example)
-Records = S.request_type(Record, CFG.s['max_batch'])
+Record = schema.record_model(CFG.spec, CFG.categories, CFG.example)
+Records = schema.request_type(Record, CFG.s['max_batch'])
 Prediction = CFG.Prediction
 # hostile clients (issue 18): a deadline for each request's headers (slow-loris), one WARNING line per bad request
-S.guard_connections(CFG.s['header_timeout_s'], CFG.s['keep_alive_s'])
-S.quiet_client_errors()
+guard.guard_connections(CFG.s['header_timeout_s'], CFG.s['keep_alive_s'])
+guard.quiet_client_errors()
 
 
 @bentoml.service(name=BENTO['name'], workers=CFG.s['workers'], traffic={'timeout': CFG.s['timeout_s']})
@@ -51,7 +51,7 @@ class Predictor:
 
 
 # outermost: body size limit (413), body deadline (408), a client that leaves (499), short 400 answers, the docs' info
-Predictor.add_asgi_middleware(S.RequestGuard, max_body_mb=CFG.s['max_body_mb'], body_timeout_s=CFG.s['body_timeout_s'],
+Predictor.add_asgi_middleware(guard.RequestGuard, max_body_mb=CFG.s['max_body_mb'], body_timeout_s=CFG.s['body_timeout_s'],
                               info=S.docs_info(CFG, BENTO))
-# a malformed multipart body answers 400 here; inside BentoML it would be a 500 (see nbs_lib.serving.MultipartCheck)
-Predictor.add_asgi_middleware(S.MultipartCheck)
+# a malformed multipart body answers 400 here; inside BentoML it would be a 500 (see nbs_lib.guard.MultipartCheck)
+Predictor.add_asgi_middleware(guard.MultipartCheck)

@@ -56,7 +56,8 @@ def main() -> None:
     a.out = a.out or str(HERE/('results-journal.md' if a.only else 'results-serving.md'))
     import httpx, mlflow, pandas as pd
     from mlflow.tracking import MlflowClient
-    from nbs_lib.serving import compile_pipeline, free_port, json_records, start_server, stop_server, wait_ready
+    from nbs_lib.scoring import compile_pipeline
+    from servers import free_port, json_records, start_server, stop_server, wait_ready
     from nbs_lib.tracking import load_model
 
     tmp = Path(tempfile.mkdtemp(prefix='nbs-bench-serving-'))
@@ -91,7 +92,7 @@ def main() -> None:
         return out
     single = [inproc_one() for _ in range(a.repeats)]
     one_p50, one_p99 = statistics.median(_pct(s, 0.5) for s in single), statistics.median(_pct(s, 0.99) for s in single)
-    fast = compile_pipeline(model)  # what the service runs: the same numbers without pandas (nbs_lib.serving.Scorer)
+    fast = compile_pipeline(model)  # what the service runs: the same numbers without pandas (nbs_lib.scoring.Scorer)
     def fast_one() -> list[float]:
         out = []
         with threadpool_limits(1):
@@ -172,7 +173,9 @@ def journal_rows(root: Path, home: str, X, recs: list[dict], a, row, tmp: Path) 
     from nbs_lib.config import load_params
     from nbs_lib.data import DataSpec
     spec = DataSpec.from_params(load_params(root/'params.yaml'))
-    from nbs_lib.serving import PredictionLog, check_frame, free_port, start_server, stop_server, wait_ready
+    from nbs_lib.predlog import PredictionLog
+    from nbs_lib.schema import check_frame
+    from servers import free_port, start_server, stop_server, wait_ready
     n = max(a.requests, 200)
     for rows in (1, 10, 1000):
         Xr = check_frame(X.head(rows), spec); p = np.full(rows, 0.25); rid = ['r' * 32] * rows; now = [time.time()] * rows

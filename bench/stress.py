@@ -229,7 +229,7 @@ def kill_under_load(url: str, server_pid: int, recs: list[dict], root: Path, req
     import signal
     from concurrent.futures import ThreadPoolExecutor
     import httpx
-    from nbs_lib.serving import read_prediction_log
+    from nbs_lib.predlog import read_prediction_log
     from nbs_lib.config import load_params
     from nbs_lib.data import DataSpec
     spec = DataSpec.from_params(load_params(root/'params.yaml'))
@@ -295,7 +295,7 @@ def main() -> int:
     ap.add_argument('--out', default=str(HERE/'results-stress.md'))
     a = ap.parse_args()
     import pandas as pd
-    from nbs_lib.serving import free_port, json_records, start_server, stop_server, wait_ready
+    from servers import free_port, json_records, start_server, stop_server, wait_ready
 
     tmp = Path(tempfile.mkdtemp(prefix='nbs-stress-'))
     root = copy_project(tmp/'proj', files=PROJECT_FILES + ['service.py', 'bentofile.yaml'])

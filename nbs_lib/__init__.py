@@ -1,1 +1,7 @@
+"""Jupyter-first reproducible ML workflow: library code exported from notebooks/lib by nbdev
+
+Modules:
+
+- `nbs_lib.serving`: The champion behind BentoML: the `serve:` parameters, importing MLflow aliases into BentoML, what `service.py` reads at import, the service's runtime (scoring and logging each request), the Bento, and `nbs serve`. The request schema, scoring, the prediction log and the defences against hostile clients each have their own notebook (10a_schema, 10b_scoring, 10c_predlog, 10d_guard)."""
+
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """Property-based fuzzing of the served service from its own OpenAPI schema (schemathesis): every generated request to
 /predict and /predict_file is answered without a 5xx, and the server is still ready afterwards. `make stress` runs
 thousands of them (bench/stress.py); this test keeps a few hundred for CI time. The malformed multipart body that
-fuzzing found (a 500 from BentoML 1.4) has its own test: nbs_lib.serving.MultipartCheck answers it with 400."""
+fuzzing found (a 500 from BentoML 1.4) has its own test: nbs_lib.guard.MultipartCheck answers it with 400."""
 from __future__ import annotations
 import re, sys
 from pathlib import Path

@@ -13,7 +13,8 @@ import psutil
 import pytest
 import yaml
 from conftest import PROJECT_FILES, copy_project, nbs, set_params
-from nbs_lib.serving import free_port, json_records, read_prediction_log, start_server, stop_server, wait_ready
+from nbs_lib.predlog import read_prediction_log
+from servers import free_port, json_records, start_server, stop_server, wait_ready
 from test_serving import _env, _register, _test_rows
 
 LIMITS = {'serve.workers': 1, 'serve.max_file_rows': 1000, 'serve.max_file_mb': 2, 'serve.max_body_mb': 4,

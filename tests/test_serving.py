@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from conftest import BIN, PROJECT_FILES, ROOT, copy_project, env_for, nbs, set_params
-from nbs_lib.serving import free_port, json_records, start_server, stop_server, wait_ready
+from servers import free_port, json_records, start_server, stop_server, wait_ready
 
 MODEL = 'flights-delay'
 MAX_BATCH = 50
@@ -206,7 +206,7 @@ def test_prediction_log_holds_every_prediction_and_the_shadow(served):
     """Concurrent requests over 2 workers with adaptive batching: each record is logged once by the champion with
     the probability it was answered, once by the challenger (shadow), never returned."""
     from nbs_lib.data import DataSpec
-    from nbs_lib.serving import log_columns, read_prediction_log
+    from nbs_lib.predlog import log_columns, read_prediction_log
     spec = DataSpec.from_params(yaml.safe_load((served['root']/'params.yaml').read_text()))
     root, c = served['root'], served['client']
     recs = json_records(_test_rows(root, 30))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from conftest import PROJECT_FILES, ROOT, copy_project, env_for, metrics, nbs, set_params
-from nbs_lib.serving import free_port, json_records, start_server, stop_server, wait_ready
+from servers import free_port, json_records, start_server, stop_server, wait_ready
 
 MODEL = 'delay-minutes'
 # the whole change, in params.yaml: a new input column and a regression target; metrics of the task for sweep and gate
@@ -128,7 +128,7 @@ def test_served_regression_answers_equal_the_model_and_the_monitor_reads_the_log
     assert np.allclose([p['prediction'] for p in got], want, rtol=0, atol=1e-9)
     # the prediction log holds the values answered; the monitor reads it as a batch of its own, with labels joined
     from nbs_lib.data import DataSpec
-    from nbs_lib.serving import read_prediction_log
+    from nbs_lib.predlog import read_prediction_log
     spec = DataSpec.from_params(_params(root))
     folder = root/_params(root)['serve']['prediction_log']
     import time
