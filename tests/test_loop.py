@@ -47,7 +47,7 @@ def test_save_through_jupyter_and_make_export_leave_git_clean(clone):
     as after running it: outputs, counts, the kernel's kernelspec and language_info), then `make export`: git stays clean."""
     port, token = _free_port(), 'test-token'
     server = subprocess.Popen([str(BIN/'jupyter-server'), '--no-browser', f'--port={port}', '--ip=127.0.0.1',
-                               f'--ServerApp.root_dir={clone}', f'--IdentityProvider.token={token}'],
+                               f'--ServerApp.root_dir={clone}', f'--IdentityProvider.token={token}', '--allow-root'],
                               cwd=clone, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f'http://127.0.0.1:{port}'
     try:
@@ -170,3 +170,13 @@ def test_dag_renders_offline_as_a_self_contained_file(built_copy):
     assert page.count('<rect') == 5 and page.count('marker-end') == 6
     assert page.count('up to date</title>') == 5  # built: nothing outdated
     assert not (built_copy/'pipeline.html').exists()
+
+
+def test_committed_notebooks_are_what_the_git_filter_writes():
+    """Each notebook is byte for byte what `make setup`'s clean filter makes of it, so a save (which rewrites the file)
+    never shows as a change; the filter's arguments are the Makefile's."""
+    import re, shlex
+    args = shlex.split(re.search(r'^NBSTRIPOUT_ARGS := (.+)$', (ROOT/'Makefile').read_text(), re.M).group(1))
+    for nb in sorted(p for p in (ROOT/'notebooks').rglob('*.ipynb') if '.ipynb_checkpoints' not in str(p)):
+        r = subprocess.run([str(BIN/'nbstripout'), *args], input=nb.read_text(), capture_output=True, text=True, check=True)
+        assert r.stdout == nb.read_text(), f"{nb.relative_to(ROOT)}: not in the filter's form (rewrite it: {BIN/'nbstripout'} {' '.join(args)} < it)"
