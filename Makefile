@@ -69,8 +69,8 @@ test: setup data ## run the whole test suite (CI runs this)
 test-fast: setup data ## the suite without the slow end-to-end tests
 	$(BIN)/python -m pytest -m "not slow"
 
-lab: setup ## open JupyterLab on the notebooks
-	$(BIN)/jupyter lab --no-browser notebooks
+lab: setup ## open JupyterLab on the notebooks (with jupyter_server_config.py: a save that changes no content leaves git clean)
+	JUPYTER_CONFIG_PATH=$(CURDIR) $(BIN)/jupyter lab --no-browser notebooks
 
 mlflow-ui: setup ## browse runs, plots, notebooks and registered models
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000

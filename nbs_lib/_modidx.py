@@ -289,6 +289,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'nbs_lib.tracking.fail_run': ('tracking.html#fail_run', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking.finish_run': ('tracking.html#finish_run', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking.flatten': ('tracking.html#flatten', 'nbs_lib/tracking.py'),
+                                  'nbs_lib.tracking.git_post_save': ('tracking.html#git_post_save', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking.git_state': ('tracking.html#git_state', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking.lineage_tags': ('tracking.html#lineage_tags', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking.load_model': ('tracking.html#load_model', 'nbs_lib/tracking.py'),

@@ -15,10 +15,10 @@ from .versioning import dvc_tags
 
 # %% auto #0
 __all__ = ['HTTP_DEFAULTS', 'EXPERIMENT_TAGS', 'EXPLORE', 'TABLE_SUFFIXES', 'CONTEXTS', 'STAYS_OPEN', 'MODEL_PACKAGES',
-           'check_reachable', 'setup_tracking', 'git_state', 'lineage_tags', 'flatten', 'source_tags', 'describe_run',
-           'log_datasets', 'log_params_once', 'start_run', 'active', 'finish_run', 'log_files', 'watch_run',
-           'model_requirements', 'log_model', 'load_model', 'task_stages', 'log_build_notebooks', 'close_open_runs',
-           'fail_run']
+           'check_reachable', 'setup_tracking', 'git_state', 'git_post_save', 'lineage_tags', 'flatten', 'source_tags',
+           'describe_run', 'log_datasets', 'log_params_once', 'start_run', 'active', 'finish_run', 'log_files',
+           'watch_run', 'model_requirements', 'log_model', 'load_model', 'task_stages', 'log_build_notebooks',
+           'close_open_runs', 'fail_run']
 
 # %% ../notebooks/lib/05_tracking.ipynb #a2047878
 def _artifact_location(p: dict, uri: str, root: Path | None) -> str | None:
@@ -69,9 +69,18 @@ def git_state(root: Path | None = None) -> dict:
     "Commit, dirty flag and diff (tracked files, against HEAD) of the checkout at `root`."
     root = root or project_root()
     commit = (_git(root, 'rev-parse', 'HEAD') or '').strip() or None
-    status = _git(root, 'status', '--porcelain', '--untracked-files=no')
-    diff = _git(root, 'diff', 'HEAD') if status else ''
-    return {'commit': commit, 'dirty': bool(status) if status is not None else None, 'diff': diff or ''}
+    status = _git(root, 'status', '--porcelain', '--untracked-files=no')  # fast; but it lists a file by its size alone...
+    # ...so the content decides, through the notebooks' clean filter: a notebook saved with outputs is no change
+    diff = _git(root, 'diff', '--no-ext-diff', 'HEAD') if status else ''
+    return {'commit': commit, 'dirty': bool(diff) if status is not None else None, 'diff': diff or ''}
+
+def git_post_save(model=None, os_path: str = '', contents_manager=None, **kw) -> bool:
+    "Jupyter post-save hook (jupyter_server_config.py): a saved notebook whose content, through the clean filter, is what git has is re-staged (the same blob), so `git status` does not list it; returns whether it did."
+    if not str(os_path).endswith('.ipynb'): return False
+    d, name = str(Path(os_path).parent), Path(os_path).name
+    if _git(Path(d), 'ls-files', '--error-unmatch', '--', name) is None: return False  # not tracked
+    r = subprocess.run(['git', 'diff', '--quiet', '--no-ext-diff', '--', name], cwd=d, capture_output=True)
+    return r.returncode == 0 and _git(Path(d), 'add', '--', name) is not None
 
 def lineage_tags(inputs: dict[str, str | Path], root: Path | None = None) -> dict:
     "Tags describing the code, data and environment of a run; `inputs` maps a name to a data file."

@@ -48,7 +48,8 @@ def test_save_through_jupyter_and_make_export_leave_git_clean(clone):
     port, token = _free_port(), 'test-token'
     server = subprocess.Popen([str(BIN/'jupyter-server'), '--no-browser', f'--port={port}', '--ip=127.0.0.1',
                                f'--ServerApp.root_dir={clone}', f'--IdentityProvider.token={token}', '--allow-root'],
-                              cwd=clone, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              cwd=clone, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, 'JUPYTER_CONFIG_PATH': str(clone)})  # as `make lab`: the project's jupyter_server_config.py
     base = f'http://127.0.0.1:{port}'
     try:
         for _ in range(150):
@@ -74,7 +75,8 @@ def test_save_through_jupyter_and_make_export_leave_git_clean(clone):
     finally:
         server.terminate(); server.wait(timeout=30)
     assert '"ran\\n"' in (clone/'notebooks/tasks/03_train.ipynb').read_text()  # the outputs are in the working copy...
-    assert _git(clone, 'status', '--porcelain') == ''  # ...and the clean filter keeps them out of git
+    assert _git(clone, 'status', '--porcelain') == ''  # ...the clean filter keeps them out of git, the post-save hook out of `git status`
+    assert _git(clone, 'diff', 'HEAD', '--no-ext-diff') == '' and _git(clone, 'diff', '--cached', '--no-ext-diff') == ''
     _git(clone, 'checkout', '--', '.'); _git(clone, 'reset', '-q', '--hard')
     for nb in _git(clone, 'ls-files', '*.ipynb').split():  # a fresh checkout: no outputs
         assert '"ran\\n"' not in (clone/nb).read_text(), nb
