@@ -281,6 +281,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'nbs_lib.tracking._local_source': ('tracking.html#_local_source', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking._notebook_products': ('tracking.html#_notebook_products', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking._rel': ('tracking.html#_rel', 'nbs_lib/tracking.py'),
+                                  'nbs_lib.tracking._restage_if_unchanged': ('tracking.html#_restage_if_unchanged', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking._run_file': ('tracking.html#_run_file', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking.active': ('tracking.html#active', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking.check_reachable': ('tracking.html#check_reachable', 'nbs_lib/tracking.py'),

@@ -74,13 +74,24 @@ def git_state(root: Path | None = None) -> dict:
     diff = _git(root, 'diff', '--no-ext-diff', 'HEAD') if status else ''
     return {'commit': commit, 'dirty': bool(diff) if status is not None else None, 'diff': diff or ''}
 
-def git_post_save(model=None, os_path: str = '', contents_manager=None, **kw) -> bool:
-    "Jupyter post-save hook (jupyter_server_config.py): a saved notebook whose content, through the clean filter, is what git has is re-staged (the same blob), so `git status` does not list it; returns whether it did."
-    if not str(os_path).endswith('.ipynb'): return False
-    d, name = str(Path(os_path).parent), Path(os_path).name
-    if _git(Path(d), 'ls-files', '--error-unmatch', '--', name) is None: return False  # not tracked
+_SAVES = {}
+
+def _restage_if_unchanged(d: str, name: str) -> bool:
     r = subprocess.run(['git', 'diff', '--quiet', '--no-ext-diff', '--', name], cwd=d, capture_output=True)
     return r.returncode == 0 and _git(Path(d), 'add', '--', name) is not None
+
+def git_post_save(model=None, os_path: str = '', contents_manager=None, wait: bool = False, **kw) -> bool:
+    "Jupyter post-save hook (jupyter_server_config.py): a saved notebook whose content, through the clean filter, is what git has is re-staged (the same blob) in the background, so `git status` does not list it. True when it had to."
+    import threading
+    if not str(os_path).endswith('.ipynb'): return False
+    d, name = str(Path(os_path).parent), Path(os_path).name
+    staged = _git(Path(d), 'show', f':./{name}')  # not tracked: None
+    if staged is None or staged == Path(os_path).read_text(): return False  # untracked, or saved byte for byte
+    prev = _SAVES.get(os_path)
+    t = threading.Thread(target=lambda: (prev and prev.join(), _restage_if_unchanged(d, name)), daemon=True)
+    _SAVES[os_path] = t; t.start()
+    if wait: t.join()
+    return True
 
 def lineage_tags(inputs: dict[str, str | Path], root: Path | None = None) -> dict:
     "Tags describing the code, data and environment of a run; `inputs` maps a name to a data file."

@@ -72,11 +72,14 @@ def test_save_through_jupyter_and_make_export_leave_git_clean(clone):
                     c.update(execution_count=i + 1, outputs=[{'output_type': 'stream', 'name': 'stdout', 'text': 'ran\n'}])
                     c['metadata']['execution'] = {'iopub.status.busy': '2026-01-01T00:00:00.000Z'}
             _api(base, token, 'PUT', f'/api/contents/{nb}', {'type': 'notebook', 'format': 'json', 'content': content})
+        assert '"ran\\n"' in (clone/'notebooks/tasks/03_train.ipynb').read_text()  # the outputs are in the working copy...
+        for _ in range(300):  # the post-save hook re-stages in the background
+            if _git(clone, 'status', '--porcelain') == '': break
+            time.sleep(0.5)
+        assert _git(clone, 'status', '--porcelain') == ''  # ...the clean filter keeps them out of git, the post-save hook out of `git status`
+        assert _git(clone, 'diff', 'HEAD', '--no-ext-diff') == '' and _git(clone, 'diff', '--cached', '--no-ext-diff') == ''
     finally:
         server.terminate(); server.wait(timeout=30)
-    assert '"ran\\n"' in (clone/'notebooks/tasks/03_train.ipynb').read_text()  # the outputs are in the working copy...
-    assert _git(clone, 'status', '--porcelain') == ''  # ...the clean filter keeps them out of git, the post-save hook out of `git status`
-    assert _git(clone, 'diff', 'HEAD', '--no-ext-diff') == '' and _git(clone, 'diff', '--cached', '--no-ext-diff') == ''
     _git(clone, 'checkout', '--', '.'); _git(clone, 'reset', '-q', '--hard')
     for nb in _git(clone, 'ls-files', '*.ipynb').split():  # a fresh checkout: no outputs
         assert '"ran\\n"' not in (clone/nb).read_text(), nb
