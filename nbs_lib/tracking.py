@@ -5,7 +5,7 @@ and a context that logs into a run across notebook cells and marks it failed on 
 
 # %% ../notebooks/lib/05_tracking.ipynb #139e95b6
 from __future__ import annotations
-import contextlib, json, os, platform, subprocess
+import contextlib, json, os, platform, subprocess, threading
 from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -74,15 +74,16 @@ def git_state(root: Path | None = None) -> dict:
     diff = _git(root, 'diff', '--no-ext-diff', 'HEAD') if status else ''
     return {'commit': commit, 'dirty': bool(diff) if status is not None else None, 'diff': diff or ''}
 
-_SAVES = {}
+_SAVES: dict = {}
+_GIT_LOCK = threading.Lock()  # one git command at a time: they share the index's lock file
 
 def _restage_if_unchanged(d: str, name: str) -> bool:
-    r = subprocess.run(['git', 'diff', '--quiet', '--no-ext-diff', '--', name], cwd=d, capture_output=True)
-    return r.returncode == 0 and _git(Path(d), 'add', '--', name) is not None
+    with _GIT_LOCK:
+        r = subprocess.run(['git', 'diff', '--quiet', '--no-ext-diff', '--', name], cwd=d, capture_output=True)
+        return r.returncode == 0 and _git(Path(d), 'add', '--', name) is not None
 
 def git_post_save(model=None, os_path: str = '', contents_manager=None, wait: bool = False, **kw) -> bool:
     "Jupyter post-save hook (jupyter_server_config.py): a saved notebook whose content, through the clean filter, is what git has is re-staged (the same blob) in the background, so `git status` does not list it. True when it had to."
-    import threading
     if not str(os_path).endswith('.ipynb'): return False
     d, name = str(Path(os_path).parent), Path(os_path).name
     staged = _git(Path(d), 'show', f':./{name}')  # not tracked: None
