@@ -171,7 +171,8 @@ def log_datasets(run_id: str, inputs: dict, tags: dict, root: Path) -> list[str]
     out = []
     for name, path in inputs.items():
         if Path(path).suffix not in TABLE_SUFFIXES or f'dvc.{name}.path' in tags: continue  # raw DVC-tracked files are the tables' sources, in their tags
-        df = pd.read_parquet(path) if Path(path).suffix == '.parquet' else pd.read_csv(path)
+        try: df = pd.read_parquet(path) if Path(path).suffix == '.parquet' else pd.read_csv(path)
+        except Exception: continue  # not a table after all: its md5 is in the tags, a dataset record is not worth failing a run
         import warnings, mlflow.data
         with warnings.catch_warnings():  # the schema keeps the table's integer columns as they are: MLflow's hint about them is for model signatures
             warnings.filterwarnings('ignore', message='Hint: Inferred schema contains integer column', category=UserWarning)
