@@ -73,6 +73,7 @@ lab: setup ## open JupyterLab on the notebooks (with jupyter_server_config.py: a
 	JUPYTER_CONFIG_PATH=$(CURDIR) $(BIN)/jupyter lab --no-browser notebooks
 
 mlflow-ui: setup ## browse runs, plots, notebooks and registered models
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the Model training view: runs, datasets, models)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
 
 export: setup ## export notebooks/lib to nbs_lib (nbdev) and strip notebook outputs (cell ids kept: on a clean clone it changes nothing)
