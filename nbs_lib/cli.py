@@ -133,15 +133,17 @@ def _explore_record(name: str, up: str, record: Path, stages: dict, inputs: dict
 def notebook_params(name: str, given: dict, root: Path | None = None, verbose: bool = True) -> dict:
     "The parameters for task notebook `name` run outside `ploomber build`, from what it was `given` (its globals); see above."
     offline_env()
-    root = Path(root or project_root()); d = task_defaults(name, root)
-    stages = [k for k in d if k not in ('product', 'upstream', 'resources_')]
-    pipeline_products = {Path(v).resolve() for t in _pipeline_tasks(root) for v in (t.get('product') or {}).values()}
-    if given.get('product') is not None:  # a caller that names its products must give everything else
+    root = Path(root or project_root()); tasks = _pipeline_tasks(root)
+    spec = next(t for t in tasks if t.get('name') == name)
+    stages = [k for k in (spec.get('params') or {}) if k != 'resources_']
+    if given.get('product') is not None:  # a caller that names its products must give everything else (a sweep: read pipeline.yaml only, no DAG)
+        pipeline_products = {(root/str(v)).resolve() for t in tasks for v in (t.get('product') or {}).values()}
         missing = [k for k in ['upstream', *stages] if given.get(k) is None]
         if missing: raise UserError(f"task '{name}' was given its products but not {', '.join(missing)}: pass them too (papermill -f params.yaml -y '{{upstream: ...}}'), or pass no product to run it as an exploration in build/explore/")
         own = sorted(str(v) for v in given['product'].values() if (root/str(v)).resolve() in pipeline_products)
         if own: raise UserError(f"task '{name}' outside `nbs build` would write the pipeline's own products ({', '.join(own)}): pass other paths, or none to run it as an exploration in build/explore/")
         return {}
+    d = task_defaults(name, root)
     from nbs_lib import tracking as trk
     trk.EXPLORE.update(task=name, notebook=os.environ.get('JPY_SESSION_NAME') or str(_task_source(root, name)))
     out = {k: merge_stage(d[k], given.get(k)) for k in stages}
