@@ -379,7 +379,7 @@ def write_dag(root: Path | None = None) -> list[Path]:
             dag = dag_spec(root); dag.render(show_progress=False)
             deps = {t.name: list(t.upstream) for t in dag.values()}
             status = {t.name: 'outdated' if t.exec_status == TaskStatus.WaitingExecution else 'up to date' for t in dag.values()}
-            products = {t.name: sorted(str(v) for v in t.product.to_json_serializable().values()) for t in dag.values()}
+            products = {t.name: sorted(os.path.relpath(str(v), root) for v in t.product.to_json_serializable().values()) for t in dag.values()}
     finally: os.chdir(cwd)
     svg = dag_svg(deps, status)
     (root/'build').mkdir(exist_ok=True)
