@@ -15,10 +15,10 @@ export PLOOMBER_STATS_ENABLED := false
 export PLOOMBER_ENV_FILENAME := params.yaml
 export DO_NOT_TRACK := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# notebooks reach git without outputs or volatile metadata, cell ids kept (so `make export` and a save in Lab change nothing)
+NBSTRIPOUT_ARGS := --keep-id --extra-keys "metadata.language_info.codemirror_mode metadata.language_info.file_extension metadata.language_info.mimetype metadata.language_info.nbconvert_exporter metadata.language_info.pygments_lexer metadata.language_info.version"
 
-.PHONY: help setup data pipeline rebuild test test-fast lab mlflow-ui export check clean lock bench
-
-.PHONY: help setup data pipeline rebuild test test-fast lab mlflow-ui export check clean
+.PHONY: help setup git-setup data pipeline rebuild test test-fast lab mlflow-ui export check clean lock bench dag
 .PHONY: sweep bench-sweep
 
 help: ## list the commands
@@ -32,11 +32,24 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m uv pip install -q --compile-bytecode --python $(BIN)/python -r requirements.lock
 	$(BIN)/python -m uv pip install -q --python $(BIN)/python --no-deps -e .
 	$(BIN)/jupyter server extension disable --sys-prefix ploomber >/dev/null 2>&1 || true
-	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (nbs_lib)" >/dev/null
+	@# the display name Lab writes back into a notebook on save: the one the committed notebooks carry
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)" >/dev/null
 	$(BIN)/nbs activate-env $(VENV)/bin/activate
 	@touch $@
 
-setup: $(STAMP) ## create .venv from the pinned lock, prepare Jupyter
+setup: $(STAMP) git-setup ## create .venv from the pinned lock, prepare Jupyter and git for notebooks
+
+# In a linked worktree the repository's config is shared: there, configure only once `extensions.worktreeConfig` is on.
+git-setup: ## git for notebooks: nbstripout as clean filter (outputs and volatile metadata never committed, cell ids kept), nbdev's diff and merge drivers
+	@if ! git rev-parse --git-dir >/dev/null 2>&1; then echo "git-setup: not a git repository, skipped"; \
+	elif [ "$$(git rev-parse --git-dir)" != "$$(git rev-parse --git-common-dir)" ] && [ "$$(git config --bool extensions.worktreeConfig)" != true ]; then \
+	  echo "git-setup: linked worktree: run 'git config extensions.worktreeConfig true' once, then make git-setup, to configure it alone"; \
+	else scope=$$([ "$$(git rev-parse --git-dir)" != "$$(git rev-parse --git-common-dir)" ] && echo --worktree || echo --local); \
+	  git config $$scope filter.nbstripout.clean '$(VENV)/bin/nbstripout $(NBSTRIPOUT_ARGS)' && \
+	  git config $$scope filter.nbstripout.smudge cat && \
+	  git config $$scope diff.jupyternotebook.command '$(VENV)/bin/nbdev-diff-driver' && \
+	  git config $$scope merge.jupyternotebook.name 'notebook merge driver (nbdev-merge)' && \
+	  git config $$scope merge.jupyternotebook.driver '$(VENV)/bin/nbdev-merge %O %A %B %P'; fi
 
 data: setup ## put the raw data in data/raw (dvc pull, else regenerate from the package), checked by md5
 	$(BIN)/nbs data
@@ -56,15 +69,19 @@ test: setup data ## run the whole test suite (CI runs this)
 test-fast: setup data ## the suite without the slow end-to-end tests
 	$(BIN)/python -m pytest -m "not slow"
 
-lab: setup ## open JupyterLab on the notebooks
-	$(BIN)/jupyter lab --no-browser notebooks
+lab: setup ## open JupyterLab on the notebooks (with jupyter_server_config.py: a save that changes no content leaves git clean)
+	JUPYTER_CONFIG_PATH=$(CURDIR) $(BIN)/jupyter lab --no-browser notebooks
 
 mlflow-ui: setup ## browse runs, plots, notebooks and registered models
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the Model training view: runs, datasets, models)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
 
-export: setup ## export notebooks/lib to nbs_lib (nbdev) and strip notebook outputs
+export: setup ## export notebooks/lib to nbs_lib (nbdev) and strip notebook outputs (cell ids kept: on a clean clone it changes nothing)
 	$(BIN)/nbdev-export
-	$(BIN)/nbstripout notebooks/lib/*.ipynb notebooks/tasks/*.ipynb
+	$(BIN)/nbstripout $(NBSTRIPOUT_ARGS) notebooks/lib/*.ipynb notebooks/tasks/*.ipynb notebooks/explore/*.ipynb
+
+dag: setup ## draw the DAG offline, with each task's status: build/pipeline.html (self-contained) and build/pipeline.svg
+	$(BIN)/nbs dag
 
 bench: setup data ## benchmarks of the workflow's own overhead against plain Python (writes bench/results.md)
 	$(BIN)/python bench/bench_pipeline.py --repeats 3 --full

@@ -5,13 +5,15 @@ reduced to one line that names the task and the cause."""
 
 # %% ../notebooks/lib/06_cli.ipynb #dbc48d30
 from __future__ import annotations
-import argparse, json, os, re, sys, time
+import argparse, contextlib, json, os, re, sys, time
 from pathlib import Path
 from .config import UserError, check_params, load_params, project_root, tracking_uri
 
 # %% auto #0
-__all__ = ['OFFLINE_ENV', 'WARM_MODULES', 'SUBCOMMANDS', 'offline_env', 'activate_env', 'notebook_error', 'failure_line',
-           'task_defaults', 'fingerprint', 'build', 'summary', 'check_all', 'main']
+__all__ = ['OFFLINE_ENV', 'SCRATCH', 'WARM_MODULES', 'SUBCOMMANDS', 'offline_env', 'activate_env', 'notebook_error',
+           'failure_line', 'expected_warnings', 'dag_spec', 'task_defaults', 'scratch_path', 'merge_stage',
+           'notebook_params', 'fingerprint', 'BuildReport', 'build', 'task_lines', 'summary', 'dag_layout', 'dag_svg',
+           'dag_page', 'write_dag', 'check_all', 'main']
 
 # %% ../notebooks/lib/06_cli.ipynb #5587d867
 OFFLINE_ENV = {'MLFLOW_DISABLE_TELEMETRY': 'true', 'BENTOML_DO_NOT_TRACK': 'true', 'DVC_NO_ANALYTICS': '1',
@@ -53,22 +55,121 @@ def failure_line(text: str) -> str | None:
     return f"{m.group(1)}: {m.group(2).strip()}" if m else None
 
 # %% ../notebooks/lib/06_cli.ipynb #9bf238c1
+def _placeholders(root: Path) -> set[str]:
+    return set(re.findall(r'\{\{\s*(\w+)', (root/'pipeline.yaml').read_text()))
+
+@contextlib.contextmanager
+def expected_warnings():
+    "Silence the one warning we accept knowingly: the raw data files are resources_ (a changed file must re-run ingest); hashing them costs milliseconds."
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message=r"resource_ .* is [0-9.]+ MB\. It is not recommended", category=UserWarning)
+        yield
+
+def dag_spec(root: Path):
+    "The project's Ploomber DAG, its placeholders filled from the params.yaml stages that pipeline.yaml uses (no warning about the others)."
+    from ploomber.spec import DAGSpec
+    p = load_params(root/'params.yaml'); used = _placeholders(root)
+    env_file = os.environ.pop('PLOOMBER_ENV_FILENAME', None)  # else Ploomber merges all of params.yaml back in as defaults
+    try: return DAGSpec(str(root/'pipeline.yaml'), env={k: v for k, v in p.items() if k in used}).to_dag()
+    finally:
+        if env_file is not None: os.environ['PLOOMBER_ENV_FILENAME'] = env_file
+
 def task_defaults(name: str, root: Path | None = None) -> dict:
     "The parameters Ploomber would inject into task `name`: product, upstream and its params."
     offline_env()
     root = Path(root or project_root())
-    from ploomber.spec import DAGSpec
     cwd = os.getcwd(); os.chdir(root)
     try:
-        dag = DAGSpec(str(root/'pipeline.yaml'), env=str(root/'params.yaml')).to_dag()
-        dag.render(force=True, show_progress=False)
-        t = dag[name]
-        params = t.params.to_json_serializable(params_only=True)
-        out = {k: v for k, v in params.items()}
-        out['product'] = {k: str(v) for k, v in t.product.to_json_serializable().items()} if hasattr(t.product, 'to_json_serializable') else str(t.product)
-        out['upstream'] = {u: {k: str(v) for k, v in dag[u].product.to_json_serializable().items()} for u in t.upstream}
-        return out
+        with expected_warnings():
+            dag = dag_spec(root)
+            dag.render(force=True, show_progress=False)
+            t = dag[name]
+            params = t.params.to_json_serializable(params_only=True)
+            out = {k: v for k, v in params.items()}
+            out['product'] = {k: str(v) for k, v in t.product.to_json_serializable().items()} if hasattr(t.product, 'to_json_serializable') else str(t.product)
+            out['upstream'] = {u: {k: str(v) for k, v in dag[u].product.to_json_serializable().items()} for u in t.upstream}
+            return out
     finally: os.chdir(cwd)
+
+# %% ../notebooks/lib/06_cli.ipynb #l14-cli-x1
+SCRATCH = Path('build')/'explore'
+
+def scratch_path(path: str | Path, root: Path) -> Path:
+    "Where a run outside the build writes product `path`: the same place in build/explore/ instead of build/."
+    rel = Path(path)
+    if rel.is_absolute(): rel = rel.resolve().relative_to(Path(root).resolve())
+    parts = rel.parts[1:] if rel.parts[:1] == ('build',) else rel.parts
+    return Path(root)/SCRATCH/Path(*parts)
+
+def merge_stage(default, given):
+    "`given` over `default`, key by key for mappings; None means not given."
+    if given is None: return default
+    if isinstance(default, dict) and isinstance(given, dict):
+        return {**default, **{k: merge_stage(default.get(k), v) for k, v in given.items()}}
+    return given
+
+def _nb_keys(root: Path, name: str) -> set:
+    t = next(t for t in _pipeline_tasks(root) if t.get('name') == name)
+    keys = t.get('nb_product_key', 'nb')
+    return set([keys] if isinstance(keys, str) else keys)
+
+def _task_source(root: Path, name: str) -> Path:
+    return root/next(t for t in _pipeline_tasks(root) if t.get('name') == name)['source']
+
+def _explore_record(name: str, up: str, record: Path, stages: dict, inputs: dict, root: Path) -> Path:
+    "A run of its own for a task run by hand whose upstream run is the build's: same model, nbs.kind=explore; returns its record."
+    from nbs_lib import tracking as trk
+    rec = json.loads(Path(record).read_text())
+    p = {**stages, 'tracking': stages.get('tracking') or load_params(root/'params.yaml')['tracking']}
+    rid = trk.start_run(p, run_name=f'explore-{name}', inputs=inputs, params=stages, root=root,
+                        extra_tags={'nbs.kind': 'explore', 'nbs.task': name, 'nbs.build_run_id': rec['run_id'],
+                                    'nbs.model_uri': rec.get('model_uri', '')})
+    trk.finish_run(rid)  # ends now (notebook attached); the task's own cells resume it to log into it
+    out = scratch_path(Path('build')/name/f'{up}-run.json', root); out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**rec, 'run_id': rid}))
+    return out
+
+def notebook_params(name: str, given: dict, root: Path | None = None, verbose: bool = True) -> dict:
+    "The parameters for task notebook `name` run outside `ploomber build`, from what it was `given` (its globals); see above."
+    offline_env()
+    root = Path(root or project_root()); tasks = _pipeline_tasks(root)
+    spec = next(t for t in tasks if t.get('name') == name)
+    stages = [k for k in (spec.get('params') or {}) if k != 'resources_']
+    if given.get('product') is not None:  # a caller that names its products must give everything else (a sweep: read pipeline.yaml only, no DAG)
+        pipeline_products = {(root/str(v)).resolve() for t in tasks for v in (t.get('product') or {}).values()}
+        missing = [k for k in ['upstream', *stages] if given.get(k) is None]
+        if missing: raise UserError(f"task '{name}' was given its products but not {', '.join(missing)}: pass them too (papermill -f params.yaml -y '{{upstream: ...}}'), or pass no product to run it as an exploration in build/explore/")
+        own = sorted(str(v) for v in given['product'].values() if (root/str(v)).resolve() in pipeline_products)
+        if own: raise UserError(f"task '{name}' outside `nbs build` would write the pipeline's own products ({', '.join(own)}): pass other paths, or none to run it as an exploration in build/explore/")
+        return {}
+    d = task_defaults(name, root)
+    from nbs_lib import tracking as trk
+    trk.EXPLORE.update(task=name, notebook=os.environ.get('JPY_SESSION_NAME') or str(_task_source(root, name)))
+    out = {k: merge_stage(d[k], given.get(k)) for k in stages}
+    nbk = _nb_keys(root, name)
+    out['product'] = {k: str(scratch_path(v, root)) for k, v in d['product'].items()}
+    upstream, notes = {}, []
+    for u, prods in d['upstream'].items():
+        mine = {k: scratch_path(v, root) for k, v in prods.items()}
+        data_keys = [k for k in prods if k not in _nb_keys(root, u)]
+        if all(mine[k].exists() for k in data_keys):
+            upstream[u] = {k: str(mine[k]) for k in prods}; notes.append(f"{u} from your exploration")
+            if 'run' in prods: trk.setup_tracking({'tracking': out.get('tracking') or load_params(root/'params.yaml')['tracking']}, root); trk.log_params_once(json.loads(mine['run'].read_text())['run_id'], {k: out[k] for k in stages})
+            continue
+        gone = [str(Path(prods[k]).relative_to(root)) if Path(prods[k]).is_absolute() else prods[k] for k in data_keys if not Path(prods[k]).exists()]
+        if gone: raise UserError(f"task '{name}' needs the products of '{u}' and {', '.join(gone)} is missing: run `make pipeline` (or this notebook's upstream by hand) first")
+        upstream[u] = dict(prods); notes.append(f"{u} from the build")
+    for u, prods in upstream.items():
+        if 'run' in prods and not str(prods['run']).startswith(str(root/SCRATCH)):
+            tables = {k: v for w in upstream.values() for k, v in w.items() if Path(v).suffix in trk.TABLE_SUFFIXES}
+            prods['run'] = str(_explore_record(name, u, Path(prods['run']), {k: out[k] for k in stages}, tables, root))
+    out['upstream'] = upstream
+    if 'run_tags' in given: out['run_tags'] = {'nbs.kind': 'explore', 'nbs.task': name, **(given.get('run_tags') or {})}
+    for k in d['product']:
+        if k not in nbk: Path(out['product'][k]).parent.mkdir(parents=True, exist_ok=True)
+    if verbose: print(f"exploration of '{name}' (not a build): products in {SCRATCH}/, upstream {', '.join(notes) or 'none'}; MLflow runs tagged nbs.kind=explore")
+    return out
 
 # %% ../notebooks/lib/06_cli.ipynb #d043d1a2
 def _build_lock(root: Path):
@@ -146,43 +247,63 @@ def _invalidate_outdated(dag) -> None:
     for t in dag.values():
         if t.exec_status == TaskStatus.WaitingExecution: t.product.metadata.delete()
 
-def build(force: bool = False, root: Path | None = None, quiet: bool = False) -> dict:
-    "Check params.yaml, then run the Ploomber pipeline in `root`; returns {task: status}. Raises UserError on failure."
+class BuildReport(dict):
+    "{task: 'ran' | 'skipped'}, with `seconds`: {task: elapsed} for the tasks that ran."
+    seconds: dict = {}
+
+def _quiet_logs(verbose: bool) -> None:
+    import logging
+    # MLflow's INFO lines (creating the store's tables on first use, ...) are for -v
+    for name in ('mlflow', 'alembic'): logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+def build(force: bool = False, root: Path | None = None, quiet: bool = False, verbose: bool = False) -> BuildReport:
+    "Check params.yaml, then run the Ploomber pipeline in `root`; returns {task: status}. Raises UserError on failure. Progress bars only when `verbose`."
     offline_env()
     root = Path(root or project_root())
     params = check_params(load_params(root/'params.yaml'))
     fp, tasks = _fingerprint_file(root), _pipeline_tasks(root)
     if not force and fp.exists() and fp.read_text() == fingerprint(root, params, tasks):
-        return {t['name']: 'skipped' for t in tasks}
+        return BuildReport({t['name']: 'skipped' for t in tasks})
     from nbs_lib.models import model_from_params
     model_from_params(params)  # hyperparameters are checked against the estimator before anything runs
     cwd = os.getcwd(); os.chdir(root)
-    lock = _build_lock(root)
+    lock = _build_lock(root); verbose = verbose and not quiet
     try:
         fp.unlink(missing_ok=True)
-        _warm_up()
-        from ploomber.spec import DAGSpec
+        _warm_up(); _quiet_logs(verbose)  # after mlflow's import, which sets its loggers' level
         from ploomber.exceptions import DAGBuildError
         from nbs_lib.tracking import close_open_runs
         close_open_runs(params, root, status='KILLED')  # runs of a build that died without its failure hook
-        dag = DAGSpec(str(root/'pipeline.yaml'), env=str(root/'params.yaml')).to_dag()
-        dag.render(force=force, show_progress=False)
-        _invalidate_outdated(dag)
-        try: report = dag.build(force=force, show_progress=not quiet)
-        except DAGBuildError as e:
-            failed = [t for t in dag.values() if str(t.exec_status) in ('TaskStatus.Errored', 'Errored')]
-            for t in failed:
-                line = None
-                try: line = notebook_error(t.product['nb'])
-                except (KeyError, TypeError): pass
-                line = failure_line(line or '') or line or failure_line(str(e))
-                raise UserError(f"task '{t.name}' failed: {line or 'see the traceback above'}") from None
-            raise UserError(failure_line(str(e)) or f"build failed: {str(e).splitlines()[0]}") from None
+        with expected_warnings():
+            dag = dag_spec(root)
+            for t in dag.values():  # ploomber-engine's per-cell progress bar, like ploomber's own, only with -v
+                if hasattr(t, 'executor_params'): t.executor_params.setdefault('progress_bar', verbose)
+            dag.render(force=force, show_progress=False)
+            _invalidate_outdated(dag)
+            try: report = dag.build(force=force, show_progress=verbose)
+            except DAGBuildError as e:
+                failed = [t for t in dag.values() if str(t.exec_status) in ('TaskStatus.Errored', 'Errored')]
+                for t in failed:
+                    line = None
+                    try: line = notebook_error(t.product['nb'])
+                    except (KeyError, TypeError): pass
+                    line = failure_line(line or '') or line or failure_line(str(e))
+                    raise UserError(f"task '{t.name}' failed: {line or 'see the traceback above'}") from None
+                raise UserError(failure_line(str(e)) or f"build failed: {str(e).splitlines()[0]}") from None
         fp.write_text(fingerprint(root, params, tasks))
         d = report.to_dict()
-        return {n: ('ran' if ran else 'skipped') for n, ran in zip(d['name'], d['Ran?'])}
+        ran = dict(zip(d['name'], d['Ran?']))
+        out = BuildReport({t['name']: ('ran' if ran.get(t['name']) else 'skipped') for t in tasks})  # in pipeline order
+        out.seconds = {n: s for n, ran, s in zip(d['name'], d['Ran?'], d['Elapsed (s)']) if ran}
+        return out
     finally:
         os.chdir(cwd); lock.close()
+
+def task_lines(st: dict) -> list[str]:
+    "One line per task of a build: ran (and how long) or up to date."
+    w, secs = max(map(len, st), default=0), getattr(st, 'seconds', {})
+    def what(n, v): return f"ran in {secs[n]:.1f}s" if n in secs else ('ran' if v == 'ran' else 'up to date')
+    return [f"  {n:<{w}}  {what(n, v)}" for n, v in st.items()]
 
 def summary(root: Path | None = None) -> str:
     "Where the products of the last build are, and how to see its MLflow run."
@@ -197,8 +318,73 @@ def summary(root: Path | None = None) -> str:
     if rf.exists():
         r = json.loads(rf.read_text())
         lines.append(f"MLflow run: {r['run_id']} in experiment '{p['tracking']['experiment']}' at {tracking_uri(p, root)}")
-        lines.append(f"open it: make mlflow-ui   (or: mlflow ui --backend-store-uri {tracking_uri(p, root)})")
+        # MLflow 3.17's UI opens on its GenAI view unless told otherwise; the run page and the Model training view:
+        lines.append(f"open it: make mlflow-ui, then http://127.0.0.1:5000/#/runs/{r['run_id']}?workflowType=machine_learning")
     return '\n'.join(lines)
+
+# %% ../notebooks/lib/06_cli.ipynb #l14-cli-x2
+def dag_layout(deps: dict[str, list[str]]) -> dict[str, tuple[int, int]]:
+    "Column (longest path from a source) and row of each task of a DAG given as {task: [upstream, ...]}."
+    col = {}
+    def depth(n):
+        if n not in col: col[n] = 1 + max((depth(u) for u in deps[n]), default=-1)
+        return col[n]
+    for n in deps: depth(n)
+    rows: dict[int, int] = {}; out = {}
+    for n in deps:  # pipeline order within a column
+        out[n] = (col[n], rows.get(col[n], 0)); rows[col[n]] = rows.get(col[n], 0) + 1
+    return out
+
+def _esc(s) -> str:
+    import html
+    return html.escape(str(s), quote=True)
+
+def dag_svg(deps: dict, status: dict | None = None, W: int = 150, H: int = 44, GX: int = 70, GY: int = 30) -> str:
+    "The DAG as a standalone SVG: a box per task (green up to date, amber outdated), an arrow per dependency."
+    pos, status = dag_layout(deps), status or {}
+    ncol = max(c for c, _ in pos.values()) + 1; nrow = max(r for _, r in pos.values()) + 1
+    xy = {n: (10 + c*(W+GX), 10 + r*(H+GY)) for n, (c, r) in pos.items()}
+    w, h = 20 + ncol*W + (ncol-1)*GX, 20 + nrow*H + (nrow-1)*GY + 24
+    fill = {'up to date': '#d9f2d9', 'outdated': '#ffe0a3'}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="14">',
+           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8" markerHeight="8" orient="auto">'
+           '<path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>']
+    for n, ups in deps.items():
+        for u in ups:
+            (x1, y1), (x2, y2) = xy[u], xy[n]
+            out.append(f'<path d="M{x1+W},{y1+H/2} C{x1+W+GX/2},{y1+H/2} {x2-GX/2},{y2+H/2} {x2},{y2+H/2}" fill="none" stroke="#555" marker-end="url(#arrow)"/>')
+    for n, (x, y) in xy.items():
+        st = status.get(n, '')
+        out.append(f'<g><title>{_esc(n)}: {_esc(st)}</title><rect x="{x}" y="{y}" width="{W}" height="{H}" rx="6" fill="{fill.get(st, "#eee")}" stroke="#333"/>'
+                   f'<text x="{x+W/2}" y="{y+H/2+5}" text-anchor="middle">{_esc(n)}</text></g>')
+    out.append(f'<text x="10" y="{h-8}" font-size="12" fill="#333">green: up to date, amber: outdated (will run on the next build)</text>')
+    return '\n'.join(out + ['</svg>'])
+
+def dag_page(svg: str, products: dict, title: str = 'pipeline.yaml') -> str:
+    "A self-contained HTML page: the SVG inline and each task's products; no script, nothing fetched."
+    rows = ''.join(f"<tr><td>{_esc(n)}</td><td>{'<br>'.join(_esc(p) for p in ps)}</td></tr>" for n, ps in products.items())
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{_esc(title)}</title><style>body{{font-family:sans-serif;margin:2em}}'
+            f'td{{padding:4px 12px;vertical-align:top;border-bottom:1px solid #ddd}}</style></head><body><h1>{_esc(title)}</h1>{svg}'
+            f'<h2>Products</h2><table>{rows}</table></body></html>\n')
+
+def write_dag(root: Path | None = None) -> list[Path]:
+    "Render the project's DAG (with each task's status) to build/pipeline.svg and build/pipeline.html; returns both paths."
+    offline_env()
+    root = Path(root or project_root())
+    from ploomber.constants import TaskStatus
+    cwd = os.getcwd(); os.chdir(root)
+    try:
+        with expected_warnings():
+            dag = dag_spec(root); dag.render(show_progress=False)
+            deps = {t.name: list(t.upstream) for t in dag.values()}
+            status = {t.name: 'outdated' if t.exec_status == TaskStatus.WaitingExecution else 'up to date' for t in dag.values()}
+            products = {t.name: sorted(os.path.relpath(str(v), root) for v in t.product.to_json_serializable().values()) for t in dag.values()}
+    finally: os.chdir(cwd)
+    svg = dag_svg(deps, status)
+    (root/'build').mkdir(exist_ok=True)
+    (root/'build'/'pipeline.svg').write_text(svg + '\n')
+    (root/'build'/'pipeline.html').write_text(dag_page(svg, products))
+    return [root/'build'/'pipeline.svg', root/'build'/'pipeline.html']
 
 # %% ../notebooks/lib/06_cli.ipynb #f66aeb98
 SUBCOMMANDS = {'sweep': ('nbs_lib.sweep', 'run a parameter grid of the train+evaluate notebooks in parallel'),
@@ -224,7 +410,7 @@ def check_all(p: dict) -> dict:
     return p
 
 def main(argv: list[str] | None = None) -> int:
-    "The `nbs` command: `nbs build [--force]`, `nbs data`, `nbs check`, and the verbs of SUBCOMMANDS."
+    "The `nbs` command: `nbs build [--force] [-v]`, `nbs data`, `nbs check`, `nbs dag`, and the verbs of SUBCOMMANDS."
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         offline_env()
@@ -234,9 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog='nbs', description='Jupyter-first reproducible ML workflow',
                                  epilog='more: ' + '; '.join(f'nbs {k}: {v[1]}' for k, v in SUBCOMMANDS.items()))
     sub = ap.add_subparsers(dest='cmd', required=True)
-    b = sub.add_parser('build', help='check params.yaml and run the pipeline (only what changed)')
+    b = sub.add_parser('build', help='check params.yaml and run the pipeline (only what changed): a line per task, then a summary')
     b.add_argument('--force', action='store_true', help='re-run every task')
+    b.add_argument('-v', '--verbose', action='store_true', help="also Ploomber's progress bars, per-cell progress and MLflow's log lines")
     sub.add_parser('check', help='check every stage of params.yaml and exit')
+    sub.add_parser('dag', help='draw the DAG with each task\'s status, offline: build/pipeline.html (self-contained) and build/pipeline.svg')
     d = sub.add_parser('data', help='put the raw data in data/raw (dvc pull, else regenerate from the package), checked against its .dvc md5')
     d.add_argument('--rehash', action='store_true', help='hash every file again, even those verified before')
     a = sub.add_parser('activate-env', help="add the project's environment variables to a venv's activate script")
@@ -248,10 +436,13 @@ def main(argv: list[str] | None = None) -> int:
             from nbs_lib.versioning import ensure_raw
             print(ensure_raw(check_params(load_params()), project_root(), rehash=args.rehash))
         elif args.cmd == 'activate-env': activate_env(args.script)
+        elif args.cmd == 'dag':
+            for f in write_dag(): print(f)
         elif args.cmd == 'build':
-            t0 = time.perf_counter(); st = build(force=args.force)
+            t0 = time.perf_counter(); st = build(force=args.force, verbose=args.verbose)
             ran = [k for k, v in st.items() if v == 'ran']
-            print(f"\nbuild done in {time.perf_counter()-t0:.1f}s: ran {', '.join(ran) if ran else 'nothing (all up to date)'}")
+            print('\n'.join(task_lines(st)))
+            print(f"build done in {time.perf_counter()-t0:.1f}s: ran {', '.join(ran) if ran else 'nothing (all up to date)'}")
             print(summary())
         return 0
     except UserError as e:

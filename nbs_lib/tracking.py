@@ -5,7 +5,7 @@ and a context that logs into a run across notebook cells and marks it failed on 
 
 # %% ../notebooks/lib/05_tracking.ipynb #139e95b6
 from __future__ import annotations
-import contextlib, json, os, platform, subprocess
+import contextlib, json, os, platform, subprocess, threading
 from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -14,9 +14,11 @@ from .data import md5
 from .versioning import dvc_tags
 
 # %% auto #0
-__all__ = ['HTTP_DEFAULTS', 'MODEL_PACKAGES', 'check_reachable', 'setup_tracking', 'git_state', 'lineage_tags', 'flatten',
-           'start_run', 'active', 'finish_run', 'log_files', 'model_requirements', 'log_model', 'load_model',
-           'log_build_notebooks', 'close_open_runs', 'fail_run']
+__all__ = ['HTTP_DEFAULTS', 'EXPERIMENT_TAGS', 'EXPLORE', 'TABLE_SUFFIXES', 'CONTEXTS', 'STAYS_OPEN', 'MODEL_PACKAGES',
+           'check_reachable', 'setup_tracking', 'git_state', 'git_post_save', 'lineage_tags', 'flatten', 'source_tags',
+           'describe_run', 'log_datasets', 'log_params_once', 'start_run', 'active', 'finish_run', 'log_files',
+           'watch_run', 'model_requirements', 'log_model', 'load_model', 'task_stages', 'log_build_notebooks',
+           'close_open_runs', 'fail_run']
 
 # %% ../notebooks/lib/05_tracking.ipynb #a2047878
 def _artifact_location(p: dict, uri: str, root: Path | None) -> str | None:
@@ -30,6 +32,8 @@ def _artifact_location(p: dict, uri: str, root: Path | None) -> str | None:
 # (7 retries with exponential backoff: minutes). The defaults below apply unless the caller set them.
 HTTP_DEFAULTS = {'MLFLOW_HTTP_REQUEST_MAX_RETRIES': '2', 'MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR': '1',
                  'MLFLOW_HTTP_REQUEST_TIMEOUT': '30'}
+# MLflow 3's UI opens an experiment with this tag on its training runs (without it, on the GenAI overview)
+EXPERIMENT_TAGS = {'mlflow.experimentKind': 'custom_model_development'}
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     "Raise UserError at once when an http(s) tracking server does not answer its /health endpoint."
@@ -41,16 +45,18 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise UserError(f"tracking server {uri} is unreachable ({reason}): start it, or unset MLFLOW_TRACKING_URI to use the embedded store") from None
 
 def setup_tracking(p: dict, root: Path | None = None) -> str:
-    "Point MLflow at the store, create the experiment if needed (race-safe); returns the experiment id."
+    "Point MLflow at the store, create the experiment if needed (race-safe) with EXPERIMENT_TAGS; returns the experiment id."
     for k, v in HTTP_DEFAULTS.items(): os.environ.setdefault(k, v)
     uri = tracking_uri(p, root); check_reachable(uri); mlflow.set_tracking_uri(uri)
     name = p['tracking']['experiment']; client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        try: return client.create_experiment(name, artifact_location=_artifact_location(p, uri, root))
+        try: return client.create_experiment(name, artifact_location=_artifact_location(p, uri, root), tags=EXPERIMENT_TAGS)
         except mlflow.exceptions.MlflowException:
             exp = client.get_experiment_by_name(name)  # created meanwhile by a parallel run
             if exp is None: raise
+    for k, v in EXPERIMENT_TAGS.items():  # an experiment made before the tag existed gets it too
+        if exp.tags.get(k) != v: client.set_experiment_tag(exp.experiment_id, k, v)
     mlflow.set_experiment(experiment_id=exp.experiment_id)
     return exp.experiment_id
 
@@ -63,9 +69,30 @@ def git_state(root: Path | None = None) -> dict:
     "Commit, dirty flag and diff (tracked files, against HEAD) of the checkout at `root`."
     root = root or project_root()
     commit = (_git(root, 'rev-parse', 'HEAD') or '').strip() or None
-    status = _git(root, 'status', '--porcelain', '--untracked-files=no')
-    diff = _git(root, 'diff', 'HEAD') if status else ''
-    return {'commit': commit, 'dirty': bool(status) if status is not None else None, 'diff': diff or ''}
+    status = _git(root, 'status', '--porcelain', '--untracked-files=no')  # fast; but it lists a file by its size alone...
+    # ...so the content decides, through the notebooks' clean filter: a notebook saved with outputs is no change
+    diff = _git(root, 'diff', '--no-ext-diff', 'HEAD') if status else ''
+    return {'commit': commit, 'dirty': bool(diff) if status is not None else None, 'diff': diff or ''}
+
+_SAVES: dict = {}
+_GIT_LOCK = threading.Lock()  # one git command at a time: they share the index's lock file
+
+def _restage_if_unchanged(d: str, name: str) -> bool:
+    with _GIT_LOCK:
+        r = subprocess.run(['git', 'diff', '--quiet', '--no-ext-diff', '--', name], cwd=d, capture_output=True)
+        return r.returncode == 0 and _git(Path(d), 'add', '--', name) is not None
+
+def git_post_save(model=None, os_path: str = '', contents_manager=None, wait: bool = False, **kw) -> bool:
+    "Jupyter post-save hook (jupyter_server_config.py): a saved notebook whose content, through the clean filter, is what git has is re-staged (the same blob) in the background, so `git status` does not list it. True when it had to."
+    if not str(os_path).endswith('.ipynb'): return False
+    d, name = str(Path(os_path).parent), Path(os_path).name
+    staged = _git(Path(d), 'show', f':./{name}')  # not tracked: None
+    if staged is None or staged == Path(os_path).read_text(): return False  # untracked, or saved byte for byte
+    prev = _SAVES.get(os_path)
+    t = threading.Thread(target=lambda: (prev and prev.join(), _restage_if_unchanged(d, name)), daemon=True)
+    _SAVES[os_path] = t; t.start()
+    if wait: t.join()
+    return True
 
 def lineage_tags(inputs: dict[str, str | Path], root: Path | None = None) -> dict:
     "Tags describing the code, data and environment of a run; `inputs` maps a name to a data file."
@@ -88,41 +115,154 @@ def flatten(d: dict, prefix: str = '') -> dict:
     return out
 
 # %% ../notebooks/lib/05_tracking.ipynb #e31352f5
+# Who runs a task notebook outside `ploomber build` (nbs_lib.cli.notebook_params) says so here: its task and notebook
+EXPLORE: dict = {}
+TABLE_SUFFIXES = ('.parquet', '.csv')
+CONTEXTS = {'train': 'training', 'test': 'testing'}
+
+def _rel(path, root: Path) -> str:
+    p = Path(path).resolve()
+    try: return str(p.relative_to(Path(root).resolve()))
+    except ValueError: return str(p)
+
+def source_tags(kind: str, root: Path, commit: str | None) -> dict:
+    "MLflow's source tags for a run (the run page's Source): the pipeline for a build, the notebook for a run by hand."
+    if kind == 'explore' and EXPLORE.get('notebook'): name, typ = _rel(EXPLORE['notebook'], root), 'NOTEBOOK'
+    else: name, typ = 'pipeline.yaml', 'LOCAL'
+    tags = {'mlflow.source.name': name, 'mlflow.source.type': typ}
+    if commit and commit != 'none': tags['mlflow.source.git.commit'] = commit
+    return tags
+
+def describe_run(kind: str, tags: dict, inputs: dict, root: Path) -> str:
+    "The run's description (the run page's Description): what made it, from which code and data."
+    commit = tags.get('git.commit', 'none')
+    code = f"git {commit[:12]}" + (' with uncommitted changes (see git.diff)' if tags.get('git.dirty') == 'true' else '')
+    what = {'build': 'A build of pipeline.yaml (`nbs build`)',
+            'explore': f"A run by hand of {tags.get('mlflow.source.name', 'a task notebook')} outside the build (products in build/explore/)",
+            'sweep-config': 'One configuration of a parameter sweep (`nbs sweep`)'}.get(kind, f"A run of kind {kind}")
+    data = ', '.join(f"{n} {_rel(p, root)}" for n, p in inputs.items())
+    return f"{what}, at {code}. Data: {data or 'none'}. Parameters: every stage it used; params.yaml is an artifact."
+
+def _local_source(path, root: Path):
+    "A file's dataset source, named by its path in the project (a plain string makes MLflow guess between two local sources, and warn)."
+    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    class ProjectFile(FileSystemDatasetSource):
+        def __init__(self, uri: str): self._uri = uri
+        @property
+        def uri(self): return self._uri
+        @staticmethod
+        def _get_source_type() -> str: return 'local'
+        def load(self, dst_path=None) -> str: return str(Path(root)/self._uri)
+        @staticmethod
+        def _can_resolve(raw_source) -> bool: return False
+        @classmethod
+        def _resolve(cls, raw_source): return cls(str(raw_source))
+        def to_dict(self) -> dict: return {'uri': self._uri}
+        @classmethod
+        def from_dict(cls, source_dict: dict): return cls(source_dict['uri'])
+    return ProjectFile(_rel(path, root))
+
+def log_datasets(run_id: str, inputs: dict, tags: dict, root: Path) -> list[str]:
+    "Log each table in `inputs` as an MLflow dataset input (digest, schema, source, md5, the DVC sources of the raw data); returns their names."
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+    raw = sorted(k[len('dvc.'):-len('.path')] for k in tags if k.startswith('dvc.') and k.endswith('.path'))
+    dvc = {'dvc.source': ', '.join(tags[f'dvc.{n}.path'] for n in raw), 'dvc.md5': ', '.join(tags[f'dvc.{n}.md5'] for n in raw)}
+    out = []
+    for name, path in inputs.items():
+        if Path(path).suffix not in TABLE_SUFFIXES or f'dvc.{name}.path' in tags: continue  # raw DVC-tracked files are the tables' sources, in their tags
+        try: df = pd.read_parquet(path) if Path(path).suffix == '.parquet' else pd.read_csv(path)
+        except Exception: continue  # not a table after all: its md5 is in the tags, a dataset record is not worth failing a run
+        import warnings, mlflow.data
+        with warnings.catch_warnings():  # the schema keeps the table's integer columns as they are: MLflow's hint about them is for model signatures
+            warnings.filterwarnings('ignore', message='Hint: Inferred schema contains integer column', category=UserWarning)
+            entity = mlflow.data.from_pandas(df, source=_local_source(path, root), name=name)._to_mlflow_entity()
+        itags = {'mlflow.data.context': CONTEXTS.get(name, name), 'md5': tags.get(f'data.{name}.md5') or md5(path),
+                 **{k: v for k, v in dvc.items() if v}}
+        MlflowClient().log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag(k, v) for k, v in itags.items()])])
+        out.append(name)
+    return out
+
+def log_params_once(run_id: str, params: dict) -> dict:
+    "Log flattened `params` the run does not have yet; returns those it already had with another value (left as they were)."
+    from mlflow.entities import Param
+    client = MlflowClient(); have = client.get_run(run_id).data.params
+    flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+    new = [Param(k, v) for k, v in flat.items() if k not in have]
+    for i in range(0, len(new), 100): client.log_batch(run_id, params=new[i:i+100])
+    return {k: (have[k], v) for k, v in flat.items() if k in have and have[k] != v}
+
 def start_run(p: dict, run_name: str, inputs: dict, params: dict, extra_tags: dict | None = None,
-              parent_run_id: str | None = None, root: Path | None = None) -> str:
-    "Create a RUNNING run with lineage tags, flattened `params`, params.yaml and (when dirty) the git diff."
+              parent_run_id: str | None = None, root: Path | None = None, description: str | None = None) -> str:
+    "Create a RUNNING run with lineage, source and description tags, its table inputs as datasets, flattened `params`, params.yaml and (when dirty) the git diff."
     root = root or project_root(); exp = setup_tracking(p, root)
     tags = {**lineage_tags(inputs, root), 'nbs.root': str(root), **(extra_tags or {})}
+    kind = tags.get('nbs.kind', '')
+    if kind == 'explore':
+        if EXPLORE.get('task'): tags.setdefault('nbs.task', EXPLORE['task'])
+        if run_name.startswith('build-'): run_name = 'explore-' + run_name[len('build-'):]
+    tags = {**source_tags(kind, root, tags['git.commit']), **tags}
+    tags.setdefault('mlflow.note.content', description or describe_run(kind, tags, inputs, root))
     if parent_run_id: tags['mlflow.parentRunId'] = parent_run_id
     client = MlflowClient()
     run = client.create_run(exp, run_name=run_name, tags=tags)
     rid = run.info.run_id
-    from mlflow.entities import Param
-    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
-    for i in range(0, len(flat), 100): client.log_batch(rid, params=flat[i:i+100])
+    if kind == 'explore': watch_run(rid)
+    log_params_once(rid, params)
+    log_datasets(rid, inputs, tags, root)
     client.log_dict(rid, p, 'params.yaml')
     if tags['git.dirty'] == 'true': client.log_text(rid, git_state(root)['diff'], 'git.diff')
     return rid
 
+# a build's run stays open from train to evaluate; a sweep closes its configurations itself; any other run ends with its block
+STAYS_OPEN = ('build', 'sweep-config')
+
+def _attach_notebook(run_id: str, kind: str | None) -> None:
+    nb = EXPLORE.get('notebook')
+    if kind == 'explore' and nb and Path(nb).exists(): MlflowClient().log_artifact(run_id, str(nb), 'notebooks')
+
 @contextlib.contextmanager
 def active(run_id: str):
-    "Make `run_id` the active MLflow run for a block; FAILED on exception, still RUNNING after a normal exit."
-    mlflow.start_run(run_id=run_id)
+    "Make `run_id` the active MLflow run for a block; FAILED on exception; after a normal exit a build's run stays RUNNING, any other ends FINISHED."
+    run = mlflow.start_run(run_id=run_id)
+    kind = run.data.tags.get('nbs.kind')
     try: yield mlflow.active_run()
     except BaseException:
+        with contextlib.suppress(Exception): _attach_notebook(run_id, kind)
         mlflow.end_run('FAILED'); raise
     else:
-        mlflow.end_run('FINISHED'); MlflowClient().update_run(run_id, status='RUNNING')
+        if kind in STAYS_OPEN:
+            mlflow.end_run('FINISHED'); MlflowClient().update_run(run_id, status='RUNNING')
+        else:
+            _attach_notebook(run_id, kind); mlflow.end_run('FINISHED')
 
 def finish_run(run_id: str, status: str = 'FINISHED') -> None:
-    "Terminate a run with `status` (FINISHED, FAILED or KILLED)."
-    MlflowClient().set_terminated(run_id, status)
+    "Terminate a run with `status` (FINISHED, FAILED or KILLED); a run by hand gets its notebook attached first."
+    client = MlflowClient()
+    if EXPLORE: _attach_notebook(run_id, client.get_run(run_id).data.tags.get('nbs.kind'))
+    client.set_terminated(run_id, status)
 
 def log_files(run_id: str, paths, artifact_path: str | None = None) -> None:
     "Log existing files to a run (missing ones are skipped)."
     client = MlflowClient()
     for f in paths:
         if f and Path(f).exists(): client.log_artifact(run_id, str(f), artifact_path)
+
+def watch_run(run_id: str) -> bool:
+    "In an IPython kernel (JupyterLab, papermill): a cell that raises marks `run_id` FAILED, and so does a kernel that exits with it still RUNNING. False outside IPython."
+    try: from IPython import get_ipython
+    except ImportError: return False
+    ip = get_ipython()
+    if ip is None or not hasattr(ip, 'events'): return False
+    def _status(): return MlflowClient().get_run(run_id).info.status
+    def _fail_if_open():
+        with contextlib.suppress(Exception):
+            if _status() == 'RUNNING': finish_run(run_id, 'FAILED')
+    def _after_cell(result):
+        if result.error_in_exec is not None or result.error_before_exec is not None: _fail_if_open()
+    ip.events.register('post_run_cell', _after_cell)
+    import atexit; atexit.register(_fail_if_open)
+    return True
 
 # %% ../notebooks/lib/05_tracking.ipynb #5cd06c25
 MODEL_PACKAGES = ('scikit-learn', 'pandas', 'numpy', 'scipy', 'skops', 'pyarrow')
@@ -175,11 +315,19 @@ def _notebook_products(task) -> list[Path]:
         todo.extend(t.upstream.values())
     return out
 
+def task_stages(task) -> dict:
+    "The params.yaml stages a Ploomber task was given (its params less upstream, product and resources_)."
+    params = task.params.to_json_serializable(params_only=True)
+    return {k: v for k, v in params.items() if k not in ('upstream', 'product', 'resources_') and isinstance(v, dict)}
+
 def log_build_notebooks(task) -> None:
-    "Ploomber on_finish hook: log the executed notebooks of `task` and its upstream to the build's run."
+    "Ploomber on_finish hook: log the stages `task` used as params, and the executed notebooks of `task` and its upstream, to the build's run."
     rf = _run_file(task)
     if rf is None or not rf.exists(): return
     run_id = json.loads(rf.read_text())['run_id']
+    changed = log_params_once(run_id, task_stages(task))
+    # a task re-run alone with other params (MLflow params never change): its current values as tags, and say so
+    if changed: MlflowClient().set_tag(run_id, 'nbs.params_changed', json.dumps({k: {'logged': a, 'now': b} for k, (a, b) in changed.items()}))
     log_files(run_id, _notebook_products(task), 'notebooks')
 
 def close_open_runs(p: dict, root: Path | None = None, status: str = 'FAILED', kind: str = 'build') -> list[str]:

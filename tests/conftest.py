@@ -87,7 +87,8 @@ def sample_project(tmp_path_factory) -> Path:
     """A project copy built once on a small sample of the real data; tests must not modify it."""
     root = copy_project(tmp_path_factory.mktemp('sample'))
     set_params(root, **{'data.sample_frac': SAMPLE_FRAC})
-    nbs(root, 'build')
+    r = nbs(root, 'build')
+    (root/'.build.stdout').write_text(r.stdout); (root/'.build.stderr').write_text(r.stderr)  # what a first build prints
     return root
 
 

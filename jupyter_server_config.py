@@ -1,0 +1,6 @@
+# Loaded by a Jupyter server started in the project folder (`make lab`): a notebook saved with only outputs or
+# volatile metadata changed is re-staged as the same blob, so `git status` stays clean (see nbs_lib.tracking.git_post_save).
+from nbs_lib.tracking import git_post_save
+
+c = get_config()  # noqa: F821
+c.ContentsManager.post_save_hook = git_post_save
