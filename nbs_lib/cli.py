@@ -5,24 +5,14 @@ reduced to one line that names the task and the cause."""
 
 # %% ../notebooks/lib/06_cli.ipynb #dbc48d30
 from __future__ import annotations
-import argparse, contextlib, json, os, re, sys, time
+import argparse, json, os, sys, time
 from pathlib import Path
 from .config import UserError, check_params, load_params, project_root, tracking_uri
+from .tasks import OFFLINE_ENV, dag_spec, expected_warnings, failure_line, notebook_error, offline_env, pipeline_tasks as _pipeline_tasks
 
 # %% auto #0
-__all__ = ['OFFLINE_ENV', 'SCRATCH', 'WARM_MODULES', 'SUBCOMMANDS', 'offline_env', 'activate_env', 'notebook_error',
-           'failure_line', 'expected_warnings', 'dag_spec', 'task_defaults', 'scratch_path', 'merge_stage',
-           'notebook_params', 'fingerprint', 'BuildReport', 'build', 'task_lines', 'summary', 'dag_layout', 'dag_svg',
-           'dag_page', 'write_dag', 'check_all', 'main']
-
-# %% ../notebooks/lib/06_cli.ipynb #5587d867
-OFFLINE_ENV = {'MLFLOW_DISABLE_TELEMETRY': 'true', 'BENTOML_DO_NOT_TRACK': 'true', 'DVC_NO_ANALYTICS': '1',
-               'PLOOMBER_VERSION_CHECK_DISABLED': '1', 'PLOOMBER_STATS_ENABLED': 'false',
-               'PLOOMBER_ENV_FILENAME': 'params.yaml', 'DO_NOT_TRACK': '1'}
-
-def offline_env() -> None:
-    "Set the telemetry-off and params.yaml variables where the caller has not set them."
-    for k, v in OFFLINE_ENV.items(): os.environ.setdefault(k, v)
+__all__ = ['WARM_MODULES', 'SUBCOMMANDS', 'activate_env', 'fingerprint', 'BuildReport', 'build', 'task_lines', 'summary',
+           'dag_layout', 'dag_svg', 'dag_page', 'write_dag', 'check_all', 'main']
 
 # %% ../notebooks/lib/06_cli.ipynb #4b9ad724
 _MARK = '# nbs_lib project environment'
@@ -35,142 +25,6 @@ def activate_env(script: str | Path) -> None:
     lines += [f'export {k}={v}' for k, v in OFFLINE_ENV.items()]
     script.write_text(text + '\n'.join(lines) + '\n')
 
-# %% ../notebooks/lib/06_cli.ipynb #e778e6c2
-_RE_USER = re.compile(r'\b((?:Params|Data|User)Error): (.+)')
-_ANSI = re.compile(r'\x1b\[[0-9;]*m')
-
-def notebook_error(path: str | Path) -> str | None:
-    "'ename: evalue' of the first error output in an executed notebook, or None."
-    try: nb = json.loads(Path(path).read_text())
-    except (OSError, ValueError): return None
-    for c in nb.get('cells', []):
-        for o in c.get('outputs', []):
-            if o.get('output_type') == 'error':
-                return _ANSI.sub('', f"{o.get('ename')}: {o.get('evalue')}").splitlines()[0]
-    return None
-
-def failure_line(text: str) -> str | None:
-    "The first of our one-line user errors found in `text` (an exception's message or traceback)."
-    m = _RE_USER.search(_ANSI.sub('', text or ''))
-    return f"{m.group(1)}: {m.group(2).strip()}" if m else None
-
-# %% ../notebooks/lib/06_cli.ipynb #9bf238c1
-def _placeholders(root: Path) -> set[str]:
-    return set(re.findall(r'\{\{\s*(\w+)', (root/'pipeline.yaml').read_text()))
-
-@contextlib.contextmanager
-def expected_warnings():
-    "Silence the one warning we accept knowingly: the raw data files are resources_ (a changed file must re-run ingest); hashing them costs milliseconds."
-    import warnings
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message=r"resource_ .* is [0-9.]+ MB\. It is not recommended", category=UserWarning)
-        yield
-
-def dag_spec(root: Path):
-    "The project's Ploomber DAG, its placeholders filled from the params.yaml stages that pipeline.yaml uses (no warning about the others)."
-    from ploomber.spec import DAGSpec
-    p = load_params(root/'params.yaml'); used = _placeholders(root)
-    env_file = os.environ.pop('PLOOMBER_ENV_FILENAME', None)  # else Ploomber merges all of params.yaml back in as defaults
-    try: return DAGSpec(str(root/'pipeline.yaml'), env={k: v for k, v in p.items() if k in used}).to_dag()
-    finally:
-        if env_file is not None: os.environ['PLOOMBER_ENV_FILENAME'] = env_file
-
-def task_defaults(name: str, root: Path | None = None) -> dict:
-    "The parameters Ploomber would inject into task `name`: product, upstream and its params."
-    offline_env()
-    root = Path(root or project_root())
-    cwd = os.getcwd(); os.chdir(root)
-    try:
-        with expected_warnings():
-            dag = dag_spec(root)
-            dag.render(force=True, show_progress=False)
-            t = dag[name]
-            params = t.params.to_json_serializable(params_only=True)
-            out = {k: v for k, v in params.items()}
-            out['product'] = {k: str(v) for k, v in t.product.to_json_serializable().items()} if hasattr(t.product, 'to_json_serializable') else str(t.product)
-            out['upstream'] = {u: {k: str(v) for k, v in dag[u].product.to_json_serializable().items()} for u in t.upstream}
-            return out
-    finally: os.chdir(cwd)
-
-# %% ../notebooks/lib/06_cli.ipynb #l14-cli-x1
-SCRATCH = Path('build')/'explore'
-
-def scratch_path(path: str | Path, root: Path) -> Path:
-    "Where a run outside the build writes product `path`: the same place in build/explore/ instead of build/."
-    rel = Path(path)
-    if rel.is_absolute(): rel = rel.resolve().relative_to(Path(root).resolve())
-    parts = rel.parts[1:] if rel.parts[:1] == ('build',) else rel.parts
-    return Path(root)/SCRATCH/Path(*parts)
-
-def merge_stage(default, given):
-    "`given` over `default`, key by key for mappings; None means not given."
-    if given is None: return default
-    if isinstance(default, dict) and isinstance(given, dict):
-        return {**default, **{k: merge_stage(default.get(k), v) for k, v in given.items()}}
-    return given
-
-def _nb_keys(root: Path, name: str) -> set:
-    t = next(t for t in _pipeline_tasks(root) if t.get('name') == name)
-    keys = t.get('nb_product_key', 'nb')
-    return set([keys] if isinstance(keys, str) else keys)
-
-def _task_source(root: Path, name: str) -> Path:
-    return root/next(t for t in _pipeline_tasks(root) if t.get('name') == name)['source']
-
-def _explore_record(name: str, up: str, record: Path, stages: dict, inputs: dict, root: Path) -> Path:
-    "A run of its own for a task run by hand whose upstream run is the build's: same model, nbs.kind=explore; returns its record."
-    from nbs_lib import tracking as trk
-    rec = json.loads(Path(record).read_text())
-    p = {**stages, 'tracking': stages.get('tracking') or load_params(root/'params.yaml')['tracking']}
-    rid = trk.start_run(p, run_name=f'explore-{name}', inputs=inputs, params=stages, root=root,
-                        extra_tags={'nbs.kind': 'explore', 'nbs.task': name, 'nbs.build_run_id': rec['run_id'],
-                                    'nbs.model_uri': rec.get('model_uri', '')})
-    trk.finish_run(rid)  # ends now (notebook attached); the task's own cells resume it to log into it
-    out = scratch_path(Path('build')/name/f'{up}-run.json', root); out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**rec, 'run_id': rid}))
-    return out
-
-def notebook_params(name: str, given: dict, root: Path | None = None, verbose: bool = True) -> dict:
-    "The parameters for task notebook `name` run outside `ploomber build`, from what it was `given` (its globals); see above."
-    offline_env()
-    root = Path(root or project_root()); tasks = _pipeline_tasks(root)
-    spec = next(t for t in tasks if t.get('name') == name)
-    stages = [k for k in (spec.get('params') or {}) if k != 'resources_']
-    if given.get('product') is not None:  # a caller that names its products must give everything else (a sweep: read pipeline.yaml only, no DAG)
-        pipeline_products = {(root/str(v)).resolve() for t in tasks for v in (t.get('product') or {}).values()}
-        missing = [k for k in ['upstream', *stages] if given.get(k) is None]
-        if missing: raise UserError(f"task '{name}' was given its products but not {', '.join(missing)}: pass them too (papermill -f params.yaml -y '{{upstream: ...}}'), or pass no product to run it as an exploration in build/explore/")
-        own = sorted(str(v) for v in given['product'].values() if (root/str(v)).resolve() in pipeline_products)
-        if own: raise UserError(f"task '{name}' outside `nbs build` would write the pipeline's own products ({', '.join(own)}): pass other paths, or none to run it as an exploration in build/explore/")
-        return {}
-    d = task_defaults(name, root)
-    from nbs_lib import tracking as trk
-    trk.EXPLORE.update(task=name, notebook=os.environ.get('JPY_SESSION_NAME') or str(_task_source(root, name)))
-    out = {k: merge_stage(d[k], given.get(k)) for k in stages}
-    nbk = _nb_keys(root, name)
-    out['product'] = {k: str(scratch_path(v, root)) for k, v in d['product'].items()}
-    upstream, notes = {}, []
-    for u, prods in d['upstream'].items():
-        mine = {k: scratch_path(v, root) for k, v in prods.items()}
-        data_keys = [k for k in prods if k not in _nb_keys(root, u)]
-        if all(mine[k].exists() for k in data_keys):
-            upstream[u] = {k: str(mine[k]) for k in prods}; notes.append(f"{u} from your exploration")
-            if 'run' in prods: trk.setup_tracking({'tracking': out.get('tracking') or load_params(root/'params.yaml')['tracking']}, root); trk.log_params_once(json.loads(mine['run'].read_text())['run_id'], {k: out[k] for k in stages})
-            continue
-        gone = [str(Path(prods[k]).relative_to(root)) if Path(prods[k]).is_absolute() else prods[k] for k in data_keys if not Path(prods[k]).exists()]
-        if gone: raise UserError(f"task '{name}' needs the products of '{u}' and {', '.join(gone)} is missing: run `make pipeline` (or this notebook's upstream by hand) first")
-        upstream[u] = dict(prods); notes.append(f"{u} from the build")
-    for u, prods in upstream.items():
-        if 'run' in prods and not str(prods['run']).startswith(str(root/SCRATCH)):
-            tables = {k: v for w in upstream.values() for k, v in w.items() if Path(v).suffix in trk.TABLE_SUFFIXES}
-            prods['run'] = str(_explore_record(name, u, Path(prods['run']), {k: out[k] for k in stages}, tables, root))
-    out['upstream'] = upstream
-    if 'run_tags' in given: out['run_tags'] = {'nbs.kind': 'explore', 'nbs.task': name, **(given.get('run_tags') or {})}
-    for k in d['product']:
-        if k not in nbk: Path(out['product'][k]).parent.mkdir(parents=True, exist_ok=True)
-    if verbose: print(f"exploration of '{name}' (not a build): products in {SCRATCH}/, upstream {', '.join(notes) or 'none'}; MLflow runs tagged nbs.kind=explore")
-    return out
-
 # %% ../notebooks/lib/06_cli.ipynb #d043d1a2
 def _build_lock(root: Path):
     import fcntl
@@ -182,10 +36,6 @@ def _build_lock(root: Path):
     return f
 
 # %% ../notebooks/lib/06_cli.ipynb #2f44aff2
-def _pipeline_tasks(root: Path) -> list[dict]:
-    import yaml
-    return yaml.safe_load((root/'pipeline.yaml').read_text()).get('tasks', [])
-
 def _declared_products(tasks: list[dict], root: Path) -> list[Path]:
     out = []
     for t in tasks:

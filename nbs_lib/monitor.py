@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = project_root()
     monitor_settings(load_params(root/'params.yaml').get('monitor'))  # a bad value fails here, before the pipeline is read
-    from nbs_lib.cli import task_defaults
+    from nbs_lib.tasks import task_defaults
     try:
         with warnings.catch_warnings():  # ploomber's render warnings (unused params) are not the user's concern here
             warnings.simplefilter('ignore'); d = task_defaults('monitor', root)

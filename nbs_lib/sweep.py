@@ -142,7 +142,7 @@ _ANSI = re.compile(r'\x1b\[[0-9;]*m')
 
 def error_line(e: BaseException) -> str:
     "One line for an exception raised by a notebook: our own user errors first, else 'Type: message'."
-    from nbs_lib.cli import failure_line
+    from nbs_lib.tasks import failure_line
     line = f"{e.ename}: {e.evalue}" if hasattr(e, 'ename') else f"{type(e).__name__}: {e}"
     line = _ANSI.sub('', line).strip()
     return failure_line(line) or (line.splitlines()[0] if line else type(e).__name__)
@@ -151,7 +151,7 @@ def error_line(e: BaseException) -> str:
 @contextlib.contextmanager
 def _in_project(task: dict):
     "Work in the project's folder, with its tracking URI, and the offline environment; restored afterwards."
-    from nbs_lib.cli import offline_env
+    from nbs_lib.tasks import offline_env
     keys = ('NBS_ROOT', 'MLFLOW_TRACKING_URI'); saved = {k: os.environ.get(k) for k in keys}; cwd = os.getcwd()
     os.chdir(task['root']); os.environ.update(NBS_ROOT=task['root'], MLFLOW_TRACKING_URI=task['tracking_uri']); offline_env()
     try: yield
@@ -237,7 +237,7 @@ def run_config(task: dict) -> dict:
 
 def warm_worker() -> None:
     "Import what the notebooks use, once per worker process, so that configurations start warm."
-    from nbs_lib.cli import offline_env
+    from nbs_lib.tasks import offline_env
     offline_env()
     import mlflow.sklearn, sklearn.ensemble, sklearn.inspection, matplotlib.pyplot, ploomber_engine, skops.io  # noqa: F401
     import nbs_lib.metrics, nbs_lib.models, nbs_lib.tracking  # noqa: F401
@@ -379,7 +379,7 @@ def _task_sources(root: Path) -> dict:
     return {t['name']: (root/t['source']).resolve() for t in spec['tasks'] if t.get('name') in TASKS}
 
 def _defaults(root: Path) -> dict:
-    from nbs_lib.cli import task_defaults
+    from nbs_lib.tasks import task_defaults
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         return {t: task_defaults(t, root) for t in TASKS}
@@ -477,7 +477,7 @@ def run_sweep(root: str | Path | None = None, overrides: dict | None = None, gri
     from tqdm.auto import tqdm
     from mlflow.tracking import MlflowClient
     from nbs_lib import tracking as trk
-    from nbs_lib.cli import offline_env
+    from nbs_lib.tasks import offline_env
     offline_env()
     root = Path(root or project_root()).resolve()
     p = check_params(load_params(root/'params.yaml')); s = check_sweep(p)

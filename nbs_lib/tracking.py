@@ -11,7 +11,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from .config import UserError, project_root, tracking_uri
 from .data import md5
-from .versioning import dvc_tags
+from .versioning import dvc_tags, git as _git  # tracking depends on versioning, never the other way
 
 # %% auto #0
 __all__ = ['HTTP_DEFAULTS', 'EXPERIMENT_TAGS', 'EXPLORE', 'TABLE_SUFFIXES', 'CONTEXTS', 'STAYS_OPEN', 'MODEL_PACKAGES',
@@ -61,10 +61,6 @@ def setup_tracking(p: dict, root: Path | None = None) -> str:
     return exp.experiment_id
 
 # %% ../notebooks/lib/05_tracking.ipynb #716ecdf0
-def _git(root: Path, *args: str) -> str | None:
-    try: return subprocess.run(['git', *args], cwd=root, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError): return None
-
 def git_state(root: Path | None = None) -> dict:
     "Commit, dirty flag and diff (tracked files, against HEAD) of the checkout at `root`."
     root = root or project_root()
@@ -115,7 +111,7 @@ def flatten(d: dict, prefix: str = '') -> dict:
     return out
 
 # %% ../notebooks/lib/05_tracking.ipynb #e31352f5
-# Who runs a task notebook outside `ploomber build` (nbs_lib.cli.notebook_params) says so here: its task and notebook
+# Who runs a task notebook outside `ploomber build` (nbs_lib.tasks.notebook_params) says so here: its task and notebook
 EXPLORE: dict = {}
 TABLE_SUFFIXES = ('.parquet', '.csv')
 CONTEXTS = {'train': 'training', 'test': 'testing'}

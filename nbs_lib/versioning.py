@@ -10,8 +10,13 @@ from pathlib import Path
 import yaml
 from .config import DataError, UserError, load_params, project_root
 
+def git(root: Path, *args: str) -> str | None:
+    "Output of `git <args>` run in `root`, or None when git fails (not a repository, unknown commit, ...)."
+    try: return subprocess.run(['git', *args], cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError): return None
+
 # %% auto #0
-__all__ = ['dvc_record', 'dvc_tags', 'mismatch_error', 'verify', 'dvc_repo', 'raw_files', 'ensure_raw', 'run_inputs',
+__all__ = ['git', 'dvc_record', 'dvc_tags', 'mismatch_error', 'verify', 'dvc_repo', 'raw_files', 'ensure_raw', 'run_inputs',
            'check_reproducible', 'restore_data', 'resolve_run', 'compare_metrics', 'run_metrics', 'reproduce', 'main']
 
 # %% ../notebooks/lib/09_versioning.ipynb #000c918d
@@ -182,14 +187,13 @@ def run_inputs(tags: dict) -> dict:
 
 def check_reproducible(run_id: str, tags: dict, git_root: Path) -> tuple[str, dict]:
     "(commit, {path: md5}) of a run that can be reproduced; else UserError saying why, in one line."
-    from nbs_lib.tracking import _git
     commit, dirty = tags.get('git.commit'), tags.get('git.dirty')
     if not commit or commit == 'none':
         raise UserError(f"run {run_id} records no git commit (it was built outside a git repository): nothing to check out")
     if dirty != 'false':
         raise UserError(f"run {run_id} was made from a dirty tree (uncommitted changes on top of {commit[:10]}, "
                         f"see its git.diff artifact): commit the changes and build again to get a reproducible run")
-    if _git(git_root, 'cat-file', '-e', f'{commit}^{{commit}}') is None:
+    if git(git_root, 'cat-file', '-e', f'{commit}^{{commit}}') is None:
         raise UserError(f"run {run_id} was made at commit {commit[:10]}, which is not in this repository (git fetch it first)")
     try: inputs = run_inputs(tags)
     except UserError as e: raise UserError(f"run {run_id}: {e}") from None
@@ -296,14 +300,13 @@ def reproduce(ref: str, root: Path | None = None, keep: bool = False, say=print)
     "Re-run the run behind `ref` from its commit and data in a temporary worktree; print the comparison; True when identical."
     from mlflow.tracking import MlflowClient
     from nbs_lib.config import tracking_uri
-    from nbs_lib.tracking import _git
     os.environ.setdefault('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', 'false')
     root = Path(root or project_root()); p = load_params(root/'params.yaml')
     uri = tracking_uri(p, root); client = MlflowClient(tracking_uri=uri)
     run_id = resolve_run(ref, client)
     try: run = client.get_run(run_id)
     except Exception: raise UserError(f"run '{run_id}' not found in the tracking store {uri}") from None
-    top = (_git(root, 'rev-parse', '--show-toplevel') or '').strip()
+    top = (git(root, 'rev-parse', '--show-toplevel') or '').strip()
     if not top: raise UserError(f"{root} is not in a git repository: there is no commit to check out")
     top = Path(top); commit, inputs = check_reproducible(run_id, run.data.tags, top)
     say(f"run {run_id}{f' ({ref})' if ref != run_id else ''}: commit {commit[:10]}, clean tree, {len(inputs)} DVC-tracked inputs")

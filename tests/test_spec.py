@@ -159,7 +159,8 @@ def test_pyfunc_clients_score_the_project_table_unchanged(served):
 
 # --- the workflow knows no column of the example --------------------------------------------------------------------
 
-WORKFLOW = ['config', 'data', 'models', 'metrics', 'tracking', 'sweep', 'gate', 'versioning', 'serving', 'monitor', 'cli']
+WORKFLOW = ['config', 'data', 'models', 'metrics', 'tracking', 'tasks', 'sweep', 'gate', 'versioning', 'schema', 'scoring', 'predlog',
+            'guard', 'serving', 'monitor', 'cli']
 
 
 def test_workflow_modules_name_no_column_of_the_example():
@@ -177,3 +178,34 @@ def test_workflow_modules_name_no_column_of_the_example():
             if isinstance(node, (ast.ImportFrom,)) and node.module and node.module.endswith('features'):
                 hits.append(f'{mod}.py:{node.lineno}: imports the example module nbs_lib.features')
     assert not hits, hits
+
+
+def _imports() -> dict[str, set[str]]:
+    """{module: the nbs_lib modules it imports} from the source of every module of the package (lazy imports too)."""
+    out = {}
+    for f in sorted((ROOT/'nbs_lib').glob('*.py')):
+        if f.name.startswith('_'): continue
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mod = node.module.removeprefix('nbs_lib.') if node.module.startswith('nbs_lib') else node.module if node.level else None
+                if mod == 'nbs_lib': deps |= {a.name for a in node.names}
+                elif mod: deps.add(mod)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.removeprefix('nbs_lib.') for a in node.names if a.name.startswith('nbs_lib.')}
+        out[f.stem] = deps & {g.stem for g in (ROOT/'nbs_lib').glob('*.py')} - {f.stem}
+    return out
+
+
+def test_import_graph_has_no_cycle_and_nothing_imports_cli():
+    g = _imports()
+    assert not [m for m, deps in g.items() if 'cli' in deps], {m: d for m, d in g.items() if 'cli' in d}
+    assert 'tracking' not in g['versioning'] and 'versioning' in g['tracking']  # one way only
+    seen, stack = set(), []
+    def visit(m):
+        assert m not in stack, f"import cycle: {' -> '.join(stack[stack.index(m):] + [m])}"
+        if m in seen: return
+        stack.append(m)
+        for d in sorted(g.get(m, ())): visit(d)
+        stack.pop(); seen.add(m)
+    for m in g: visit(m)
