@@ -48,7 +48,7 @@ def _server_error(url: str, timeout: float) -> str | None:
         try: msg = json.loads(e.read()).get('message') or ''
         except ValueError: msg = ''
         return ' '.join(msg.split('(Background on')[0].split()) or f'HTTP {e.code}'
-    except OSError as e: return f'no answer ({getattr(e, "reason", e)})'
+    except OSError as e: return f'no answer in {timeout:g} s ({getattr(e, "reason", e)})'
 
 def diagnose(uri: str, timeout: float = 5.0) -> str | None:
     "One line naming what an http(s) tracking server cannot reach: itself, its database or its artifact store; None when all answer."
