@@ -45,7 +45,7 @@ def pg_bindir() -> Path:
     found = sorted(glob.glob('/usr/lib/postgresql/*/bin/initdb'), key=lambda p: int(Path(p).parts[-3]))
     if found: return Path(found[-1]).parent
     if shutil.which('initdb'): return Path(shutil.which('initdb')).parent
-    raise SystemExit('error: no PostgreSQL server found: apt-get install postgresql (Debian), then try again')
+    raise RuntimeError('no PostgreSQL server found: apt-get install postgresql (Debian), then try again')
 
 
 def _wait(what: str, check, timeout: float, proc=None, log: Path | None = None) -> float:
