@@ -12,7 +12,7 @@ The embedded copy uses the default sqlite store (`sqlite:///mlflow.db`, artifact
 differs only by MLFLOW_TRACKING_URI. Medians over the repeats; the table goes to stdout and, with --out, to a file.
 """
 from __future__ import annotations
-import argparse, os, platform, shutil, statistics, subprocess, sys, tempfile, time
+import argparse, os, platform, shutil, signal, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 import yaml
 
@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument('--sample', type=float, default=0.03)
     ap.add_argument('--out', help='also write the table to this markdown file')
     a = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out (finally below)
     tmp = Path(tempfile.mkdtemp(prefix='nbs-bench-team-'))
     t0 = time.perf_counter()
     st = Stack(tmp/'stack').up()
