@@ -146,3 +146,19 @@ retrain: rebuild ## retrain on the data in data/raw (every task again), then the
 STRESS_ARGS ?=
 stress: data ## the service under load (120 s, concurrency 32), schema fuzzing, hostile input: errors, p99, memory, 5xx, readiness (bench/results-stress.md)
 	$(BIN)/python bench/stress.py $(STRESS_ARGS)
+
+# the team setup (README "Team"): a tracking server on PostgreSQL with S3 artifacts, DVC's remote on the same S3
+.PHONY: team-up team-down team-status bench-team
+TEAM_STATE ?= .team
+TEAM_ARGS ?=
+team-up: setup ## start the team stack on 127.0.0.1 (PostgreSQL, moto S3, mlflow server) and point DVC's remote at its S3
+	$(BIN)/python team/stack.py up --state $(TEAM_STATE) --dvc-project . $(TEAM_ARGS)
+
+team-down: setup ## stop the team stack, DVC back to the committed remote (TEAM_ARGS=--remove also deletes its data)
+	$(BIN)/python team/stack.py down --state $(TEAM_STATE) --dvc-project . $(TEAM_ARGS)
+
+bench-team: data ## a build against the team stack next to the embedded default, in one run (bench/results-team.md)
+	$(BIN)/python bench/bench_team.py --out bench/results-team.md
+
+team-status: setup ## is each server of the team stack up, and where
+	$(BIN)/python team/stack.py status --state $(TEAM_STATE)

@@ -138,6 +138,8 @@ def build(force: bool = False, root: Path | None = None, quiet: bool = False, ve
                     try: line = notebook_error(t.product['nb'])
                     except (KeyError, TypeError): pass
                     line = failure_line(line or '') or line or failure_line(str(e))
+                    from nbs_lib.tracking import diagnose  # a tracking server that lost its database or S3: say which
+                    line = diagnose(tracking_uri(params, root), timeout=10) or line
                     raise UserError(f"task '{t.name}' failed: {line or 'see the traceback above'}") from None
                 raise UserError(failure_line(str(e)) or f"build failed: {str(e).splitlines()[0]}") from None
         fp.write_text(fingerprint(root, params, tasks))

@@ -15,10 +15,10 @@ from .versioning import dvc_tags, git as _git  # tracking depends on versioning,
 
 # %% auto #0
 __all__ = ['HTTP_DEFAULTS', 'EXPERIMENT_TAGS', 'EXPLORE', 'TABLE_SUFFIXES', 'CONTEXTS', 'STAYS_OPEN', 'MODEL_PACKAGES',
-           'check_reachable', 'setup_tracking', 'git_state', 'git_post_save', 'lineage_tags', 'flatten', 'source_tags',
-           'describe_run', 'log_datasets', 'log_params_once', 'start_run', 'active', 'finish_run', 'log_files',
-           'watch_run', 'model_requirements', 'log_model', 'load_model', 'task_stages', 'log_build_notebooks',
-           'close_open_runs', 'fail_run']
+           'check_reachable', 'diagnose', 'setup_tracking', 'git_state', 'git_post_save', 'lineage_tags', 'flatten',
+           'source_tags', 'describe_run', 'log_datasets', 'log_params_once', 'start_run', 'active', 'finish_run',
+           'log_files', 'watch_run', 'model_requirements', 'log_model', 'load_model', 'task_stages',
+           'log_build_notebooks', 'close_open_runs', 'fail_run']
 
 # %% ../notebooks/lib/05_tracking.ipynb #a2047878
 def _artifact_location(p: dict, uri: str, root: Path | None) -> str | None:
@@ -44,12 +44,36 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         reason = getattr(e, 'reason', e)
         raise UserError(f"tracking server {uri} is unreachable ({reason}): start it, or unset MLFLOW_TRACKING_URI to use the embedded store") from None
 
+def _server_error(url: str, timeout: float) -> str | None:
+    import urllib.request, urllib.error
+    try: urllib.request.urlopen(url, timeout=timeout).read(); return None
+    except urllib.error.HTTPError as e:
+        if e.code < 500: return None
+        try: msg = json.loads(e.read()).get('message') or ''
+        except ValueError: msg = ''
+        return ' '.join(msg.split('(Background on')[0].split()) or f'HTTP {e.code}'
+    except OSError as e: return f'no answer in {timeout:g} s ({getattr(e, "reason", e)})'
+
+def diagnose(uri: str, timeout: float = 5.0) -> str | None:
+    "One line naming what an http(s) tracking server cannot reach: itself, its database or its artifact store; None when all answer."
+    if not uri.startswith(('http://', 'https://')): return None
+    try: check_reachable(uri, timeout)
+    except UserError as e: return str(e)
+    base = uri.rstrip('/')
+    if (msg := _server_error(f'{base}/api/2.0/mlflow/experiments/search?max_results=1', timeout)):
+        return f"tracking server {uri} cannot reach its database: {msg}"
+    if (msg := _server_error(f'{base}/api/2.0/mlflow-artifacts/artifacts?path=', timeout)):
+        return f"tracking server {uri} cannot reach its artifact store: {msg}"
+    return None
+
 def setup_tracking(p: dict, root: Path | None = None) -> str:
     "Point MLflow at the store, create the experiment if needed (race-safe) with EXPERIMENT_TAGS; returns the experiment id."
     for k, v in HTTP_DEFAULTS.items(): os.environ.setdefault(k, v)
     uri = tracking_uri(p, root); check_reachable(uri); mlflow.set_tracking_uri(uri)
     name = p['tracking']['experiment']; client = MlflowClient()
-    exp = client.get_experiment_by_name(name)
+    try: exp = client.get_experiment_by_name(name)
+    except mlflow.exceptions.MlflowException as e:
+        raise UserError(diagnose(uri) or f"tracking store {uri}: {str(e).splitlines()[0]}") from None
     if exp is None:
         try: return client.create_experiment(name, artifact_location=_artifact_location(p, uri, root), tags=EXPERIMENT_TAGS)
         except mlflow.exceptions.MlflowException:
