@@ -2,7 +2,7 @@
 stopping it stops its workers), waited for until ready (failing with the server's own last words), stopped; and
 frames as the JSON records /predict takes. Not part of the library: only tests/ and bench/ start servers."""
 from __future__ import annotations
-import json, os, subprocess, sys, time
+import contextlib, json, os, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -48,3 +48,17 @@ def stop_server(proc, timeout: float = 30) -> None:
     try: proc.wait(timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL); proc.wait(10)
+
+
+@contextlib.contextmanager
+def serving(root: Path, env: dict, timeout: float = 300):
+    "A real `bentoml serve` of the project at `root` on a free loopback port: yields (url, process, seconds to ready); stopped after."
+    import pytest
+    port = free_port(); url = f'http://127.0.0.1:{port}'
+    proc = start_server(root, port, env, root/'server.log')
+    try:
+        try: ready = wait_ready(url, proc, timeout, root/'server.log')
+        except RuntimeError as e: pytest.fail(str(e))
+        yield url, proc, ready
+    finally:
+        stop_server(proc)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import PROJECT_FILES, copy_project, nbs, set_params
 from nbs_lib.predlog import read_prediction_log
-from servers import free_port, json_records, start_server, stop_server, wait_ready
+from servers import json_records, serving, wait_ready
 from test_serving import _env, _register, _test_rows
 
 LIMITS = {'serve.workers': 1, 'serve.max_file_rows': 1000, 'serve.max_file_mb': 2, 'serve.max_body_mb': 4,
@@ -31,17 +31,12 @@ def hostile(sample_project, tmp_path_factory):
     set_params(root, **LIMITS)
     _register(root)
     nbs(root, 'serve', 'import', BENTOML_HOME=str(root/'build/bentoml'), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR='false')
-    port = free_port(); url = f'http://127.0.0.1:{port}'
-    proc = start_server(root, port, _env(root), root/'server.log')
-    try:
-        try: wait_ready(url, proc, 300, root/'server.log')
-        except RuntimeError as e: pytest.fail(str(e))
+    with serving(root, _env(root)) as (url, proc, _):
+        port = int(url.rsplit(':', 1)[1])
         c = httpx.Client(base_url=url, timeout=60)
         recs = json_records(_test_rows(root, 40))
         for i in range(5): assert c.post('/predict', json={'records': recs[i:i + 3]}).status_code == 200  # warm
         yield {'root': root, 'url': url, 'port': port, 'proc': proc, 'client': c, 'recs': recs, 'log': root/'server.log'}
-    finally:
-        stop_server(proc)
 
 
 def worker(h) -> psutil.Process:

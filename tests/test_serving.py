@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from conftest import BIN, PROJECT_FILES, ROOT, copy_project, env_for, nbs, set_params
-from servers import free_port, json_records, start_server, stop_server, wait_ready
+from servers import free_port, json_records, serving
 
 MODEL = 'flights-delay'
 MAX_BATCH = 50
@@ -42,15 +42,9 @@ def served(sample_project, tmp_path_factory):
     set_params(root, **SERVE)
     _register(root)
     r = nbs(root, 'serve', 'import', BENTOML_HOME=str(root/'build/bentoml'), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR='false')
-    port = free_port(); url = f'http://127.0.0.1:{port}'
-    proc = start_server(root, port, _env(root), root/'server.log')
-    try:
-        try: ready = wait_ready(url, proc, 300, root/'server.log')
-        except RuntimeError as e: pytest.fail(str(e))
+    with serving(root, _env(root)) as (url, proc, ready):
         print(f"\nbentoml serve ready in {ready:.1f}s (2 workers, champion + challenger)")
         yield {'root': root, 'url': url, 'import_out': r.stdout, 'client': httpx.Client(base_url=url, timeout=60)}
-    finally:
-        stop_server(proc)
 
 
 def _test_rows(root: Path, n: int) -> pd.DataFrame:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from conftest import PROJECT_FILES, ROOT, copy_project, env_for, metrics, nbs, set_params
-from servers import free_port, json_records, start_server, stop_server, wait_ready
+from servers import json_records, serving
 
 MODEL = 'delay-minutes'
 # the whole change, in params.yaml: a new input column and a regression target; metrics of the task for sweep and gate
@@ -91,13 +91,8 @@ def served(project):
         nbs(root, 'register', '--from-build')
     env = env_for(root, BENTOML_HOME=str(root/'build/bentoml'), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR='false')
     nbs(root, 'serve', 'import', BENTOML_HOME=str(root/'build/bentoml'))
-    port = free_port(); url = f'http://127.0.0.1:{port}'
-    proc = start_server(root, port, env, root/'server.log')
-    try:
-        wait_ready(url, proc, 300, root/'server.log')
+    with serving(root, env) as (url, _, _):
         yield {'root': root, 'client': httpx.Client(base_url=url, timeout=60)}
-    finally:
-        stop_server(proc)
 
 
 def test_the_service_schema_carries_the_new_column_and_its_example_is_accepted(served):
