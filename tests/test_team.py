@@ -149,9 +149,10 @@ def test_pipeline_register_serve_monitor_against_the_team_stack(team, team_proje
     assert any(f'{mon}/artifacts/monitoring/drift.json' in k for k in s3_keys(team, 'mlflow/'))
 
 
-def _git_project(dst: Path) -> Path:
-    """A git repository of the project (DVC metadata committed, data bytes ignored), as a team shares it."""
+def _git_project(dst: Path, **params) -> Path:
+    """A git repository of the project (DVC metadata committed, data bytes ignored, `params` set), as a team shares it."""
     root = copy_project(dst, files=TEAM_FILES + ['.dvc/config', '.dvc/.gitignore', '.dvcignore', '.gitignore'])
+    if params: set_params(root, **params)
     git = lambda *a: subprocess.run(['git', *a], cwd=root, check=True, capture_output=True, text=True)
     git('init', '-q', '-b', 'main'); git('add', '-A')
     git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'project')
@@ -178,6 +179,26 @@ def test_data_push_then_a_fresh_clone_pulls_from_s3_and_verifies_md5(team, tmp_p
     out = make(clone, 'data-pull', team).stdout
     assert '2 files fetched' in out and 'data/raw: md5 verified' in out and 'regenerated' not in out, out  # dvc pull, then nbs data
     for f, md5 in recorded.items(): assert _md5(clone/'data/raw'/f) == md5
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_builds_registers_and_reproduces_against_the_team_stack(team, tmp_path):
+    """The whole loop of a second team member: a fresh clone pulls its data from S3, builds into the tracking server,
+    registers the champion there, and `nbs reproduce models:/<name>@champion` re-runs that very run with identical metrics."""
+    repo = _git_project(tmp_path/'repo', **QUICK, **{'registry.model_name': 'team-repro', 'tracking.experiment': 'team-repro'})
+    team.configure_dvc(repo)
+    make(repo, 'data-push', team)
+    clone = tmp_path/'clone'
+    subprocess.run(['git', 'clone', '-q', str(repo), str(clone)], check=True)
+    team.configure_dvc(clone)
+    make(clone, 'pipeline', team)  # nbs data pulls data/raw from S3 first
+    g = nbs(clone, 'register', '--from-build', MLFLOW_TRACKING_URI=team.tracking_uri)
+    assert 'promoted' in g.stdout, g.stdout
+    r = nbs(clone, 'reproduce', 'models:/team-repro@champion', check=False, timeout=1500, MLFLOW_TRACKING_URI=team.tracking_uri)
+    assert r.returncode == 0 and 'reproduced: every metric is identical' in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_id = json.loads((clone/'build/train/run.json').read_text())['run_id']
+    assert f'run {run_id} (models:/team-repro@champion)' in r.stdout
+    assert client(team).get_run(run_id).info.status == 'FINISHED'  # the team's record untouched by the reproduction
 
 
 def _wait_running(st, root: Path, proc, timeout: float = 300) -> str:
