@@ -294,11 +294,13 @@ def model_requirements() -> list[str]:
 
 def log_model(model, input_example, name: str = 'model', task: str = 'binary'):
     "Log a fitted sklearn Pipeline to the active run; returns MLflow's ModelInfo (model_uri is models:/m-<id>)."
-    import mlflow.sklearn, nbs_lib, skops.io
+    import warnings, mlflow.sklearn, nbs_lib, skops.io
     from mlflow.models import infer_signature
     # the signature's column types are the data's own (int64 stays long), so any MLflow client scores the table as it is
     predict = 'predict_proba' if task == 'binary' else 'predict'
-    sig = infer_signature(input_example, getattr(model, predict)(input_example))
+    with warnings.catch_warnings():  # MLflow's hint about integer columns: the spec's ints are never null (a nullable int is held as float64)
+        warnings.filterwarnings('ignore', message='Hint: Inferred schema contains integer column', category=UserWarning)
+        sig = infer_signature(input_example, getattr(model, predict)(input_example))
     trusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
     return mlflow.sklearn.log_model(model, name=name, signature=sig, input_example=input_example,
                                     serialization_format='skops', skops_trusted_types=trusted,

@@ -159,7 +159,7 @@ def test_build_run_record_reads_back_through_the_mlflow_client(sample_project):
         assert tags['dvc.md5'] == f"{r.data.tags['dvc.raw_flights.md5']}, {r.data.tags['dvc.raw_weather.md5']}"
     assert r.data.tags['mlflow.source.name'] == 'pipeline.yaml' and r.data.tags['mlflow.source.type'] == 'LOCAL'
     assert r.data.tags['mlflow.note.content'].startswith('A build of pipeline.yaml')
-    for stage, key in [('data', 'sample_frac'), ('split', 'test_months'), ('features', 'numeric'), ('train', 'family'),
+    for stage, key in [('data', 'sample_frac'), ('split', 'test'), ('table', 'target.task'), ('train', 'family'),
                        ('evaluate', 'threshold'), ('monitor', 'psi_threshold')]:
         assert f'{stage}.{key}' in r.data.params, (stage, key)
 
