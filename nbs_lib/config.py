@@ -11,10 +11,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
 # %% auto #0
-__all__ = ['Num', 'STAGES', 'METRICS', 'GATE_METRICS', 'UserError', 'ParamsError', 'DataError', 'project_root', 'load_params',
-           'get', 'Data', 'Column', 'Target', 'Derive', 'Table', 'Split', 'Train', 'Evaluate', 'Tracking', 'Registry',
-           'Bootstrap', 'Gate', 'Sweep', 'Batching', 'Timeouts', 'Serve', 'Monitor', 'greater_is_better', 'stage',
-           'check_stage', 'check_params', 'tracking_uri']
+__all__ = ['Num', 'RULE_PATTERN', 'STAGES', 'METRICS', 'GATE_METRICS', 'UserError', 'ParamsError', 'DataError', 'project_root',
+           'load_params', 'get', 'Data', 'Column', 'Target', 'Derive', 'Table', 'Split', 'Train', 'Evaluate',
+           'Tracking', 'Registry', 'Bootstrap', 'Gate', 'Sweep', 'Batching', 'Timeouts', 'Serve', 'Monitor',
+           'greater_is_better', 'stage', 'check_stage', 'check_params', 'tracking_uri']
 
 # %% ../notebooks/lib/00_config.ipynb #017357cd
 class UserError(ValueError):
@@ -107,11 +107,13 @@ class Column(_Stage):
         if self.range and self.range[0] > self.range[1]: raise ValueError(f"range {list(self.range)}: lo is above hi")
         return self
 
+RULE_PATTERN = r'^\s*([A-Za-z_]\w*)\s*(>=|<=|==|!=|>|<)\s*(-?\d+(?:\.\d+)?)\s*$'  # a binary target's rule: <column> <op> <number>
+
 class Target(_Stage):
     "The column the model predicts, the task, and for binary the rule that makes it from a raw column."
     column: StrictStr
     task: Literal['binary', 'regression']
-    rule: Optional[StrictStr] = None
+    rule: Optional[StrictStr] = Field(None, pattern=RULE_PATTERN)
 
 class Derive(_Stage):
     "Numeric features computed inside the model from the inputs, by `function` (module:name) returning {column: array}."
@@ -278,6 +280,7 @@ def _one_line(name: str, e: ValidationError) -> str:
         op = {'greater_than_equal': '>=', 'less_than_equal': '<=', 'greater_than': '>', 'less_than': '<'}[t]
         return f"params.yaml: '{loc}' must be {op} {list(err['ctx'].values())[0]}, got {got!r}"
     if t == 'value_error': return f"params.yaml: '{loc}': {err['msg'].removeprefix('Value error, ')}"
+    if t == 'string_pattern_mismatch' and loc.endswith('.rule'): return f"params.yaml: '{loc}' must read '<column> <op> <number>' (op one of >, >=, <, <=, ==, !=), got {got!r}"
     return f"params.yaml: '{loc}': {err['msg'].lower()}, got {got!r}"
 
 def stage(p: dict, name: str) -> dict:
@@ -299,6 +302,9 @@ def check_params(p: dict) -> dict:
     task = p['table']['target']['task']
     if p['gate']['metric'] not in GATE_METRICS[task]:
         raise ParamsError(f"params.yaml: 'gate.metric' must be one of {list(GATE_METRICS[task])} for task {task}, got {p['gate']['metric']!r}")
+    by = p['split'].get('by')
+    if by is not None and by not in p['table']['columns']:
+        raise ParamsError(f"params.yaml: 'split.by' must be an input column of table.columns (one of {list(p['table']['columns'])}), got {by!r}")
     sweep_metric = p['sweep']['metric']
     if not sweep_metric.startswith(('test_', 'train_')): raise ParamsError(f"params.yaml: 'sweep.metric' must be test_<metric> or train_<metric>, got {sweep_metric!r}")
     greater_is_better(sweep_metric, task, 'sweep.metric')

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .config import DataError, ParamsError, check_stage, stage
+from .config import RULE_PATTERN, DataError, ParamsError, check_stage, stage
 
 # %% auto #0
 __all__ = ['PANDAS_DTYPES', 'DataSpec', 'package_data_dir', 'md5', 'raw_files', 'validate_schema', 'read_table', 'write_parquet',
@@ -126,7 +126,7 @@ def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
 
 # %% ../notebooks/lib/01_data.ipynb #dat-table
 _OPS = {'>': operator.gt, '>=': operator.ge, '<': operator.lt, '<=': operator.le, '==': operator.eq, '!=': operator.ne}
-_RULE = re.compile(r'^\s*([A-Za-z_]\w*)\s*(>=|<=|==|!=|>|<)\s*(-?\d+(?:\.\d+)?)\s*$')
+_RULE = re.compile(RULE_PATTERN)
 
 def parse_rule(rule: str) -> tuple[str, str, float]:
     "The (column, operator, number) of a binary target rule such as 'arr_delay > 15'."

@@ -114,6 +114,10 @@ def test_bad_params_fail_in_one_line_and_keep_products(built_copy, updates, expe
     ({'gate.metric': 'accuracy'}, "'gate.metric' must be one of ['roc_auc', 'log_loss', 'brier'] for task binary, got 'accuracy'"),
     ({'sweep.grid': [1]}, "'sweep.grid' must be a mapping, got [1]"),
     ({'train.hyperparams.random_forest.n_estimator': 10}, "'train.hyperparams.random_forest.n_estimator' is not a RandomForestClassifier hyperparameter"),
+    ({'table.target.rule': 'arr_delay late'}, "'table.target.rule' must read '<column> <op> <number>'"),
+    ({'split.by': 'mnth'}, "'split.by' must be an input column of table.columns"),
+    ({'table.columns.year.dtype': 'integer'}, "'table.columns.year.dtype' must be one of 'int', 'float', 'category', 'hhmm', got 'integer'"),
+    ({'table.target.task': 'regression'}, "'table': a regression target takes no rule"),
 ])
 def test_nbs_check_validates_every_stage(tmp_path, updates, expected):
     """`nbs check` checks the stages only other verbs read (gate, sweep, serve, monitor), not just the pipeline's."""
