@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse, json, os, sys, time
 from pathlib import Path
 from .config import UserError, check_params, load_params, project_root, tracking_uri
-from .tasks import OFFLINE_ENV, dag_spec, expected_warnings, failure_line, notebook_error, offline_env, pipeline_tasks as _pipeline_tasks
+from .tasks import OFFLINE_ENV, dag_spec, expected_warnings, failure_line, notebook_error, offline_env, pipeline_tasks
 
 # %% auto #0
 __all__ = ['WARM_MODULES', 'SUBCOMMANDS', 'activate_env', 'fingerprint', 'BuildReport', 'build', 'task_lines', 'summary',
@@ -52,7 +52,7 @@ def fingerprint(root: Path, params: dict, tasks: list[dict] | None = None) -> st
     for f in content: h.update(f'{f.relative_to(root)}\0'.encode()); h.update(f.read_bytes())
     from nbs_lib.data import raw_files
     stats = raw_files(params, root)
-    for prod in _declared_products(tasks if tasks is not None else _pipeline_tasks(root), root):
+    for prod in _declared_products(tasks if tasks is not None else pipeline_tasks(root), root):
         stats.append(prod); stats.append(prod.with_name(f'.{prod.name}.metadata'))
         if prod.is_dir(): stats.extend(sorted(q for q in prod.rglob('*') if q.is_file()))
     for f in stats:
@@ -111,7 +111,7 @@ def build(force: bool = False, root: Path | None = None, quiet: bool = False, ve
     offline_env()
     root = Path(root or project_root())
     params = check_params(load_params(root/'params.yaml'))
-    fp, tasks = _fingerprint_file(root), _pipeline_tasks(root)
+    fp, tasks = _fingerprint_file(root), pipeline_tasks(root)
     if not force and fp.exists() and fp.read_text() == fingerprint(root, params, tasks):
         return BuildReport({t['name']: 'skipped' for t in tasks})
     from nbs_lib.models import model_from_params

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 __all__ = ['Num', 'RULE_PATTERN', 'STAGES', 'METRICS', 'GATE_METRICS', 'UserError', 'ParamsError', 'DataError', 'project_root',
            'load_params', 'get', 'Data', 'Column', 'Target', 'Derive', 'Table', 'Split', 'Train', 'Evaluate',
            'Tracking', 'Registry', 'Bootstrap', 'Gate', 'Sweep', 'Batching', 'Timeouts', 'Serve', 'Monitor',
-           'greater_is_better', 'stage', 'check_stage', 'check_params', 'tracking_uri']
+           'greater_is_better', 'gate_direction', 'sweep_direction', 'stage', 'check_stage', 'check_params',
+           'tracking_uri']
 
 # %% ../notebooks/lib/00_config.ipynb #017357cd
 class UserError(ValueError):
@@ -261,6 +262,17 @@ def greater_is_better(metric: str, task: str | None = None, key: str = 'metric')
     known = sorted(m for t in tasks for m in METRICS[t])
     raise ParamsError(f"params.yaml: '{key}' must be one of {known}{f' for task {task}' if task else ''}, got {metric!r}")
 
+def gate_direction(metric: str, task: str) -> bool:
+    "Whether a larger `gate.metric` is better; ParamsError unless the gate's bootstrap computes it for `task`."
+    if metric not in GATE_METRICS[task]:
+        raise ParamsError(f"params.yaml: 'gate.metric' must be one of {list(GATE_METRICS[task])} for task {task}, got {metric!r}")
+    return greater_is_better(metric, task, 'gate.metric')
+
+def sweep_direction(metric: str, task: str) -> bool:
+    "Whether a larger `sweep.metric` (test_ or train_ and a metric of `task`) is better; ParamsError otherwise."
+    if not metric.startswith(('test_', 'train_')): raise ParamsError(f"params.yaml: 'sweep.metric' must be test_<metric> or train_<metric>, got {metric!r}")
+    return greater_is_better(metric, task, 'sweep.metric')
+
 # %% ../notebooks/lib/00_config.ipynb #cfg-errors
 _EXPECT = {'int_type': 'an integer', 'float_type': 'a number', 'bool_type': 'true/false', 'string_type': 'a string',
            'list_type': 'a list', 'dict_type': 'a mapping', 'tuple_type': 'a list', 'model_type': 'a mapping', 'model_attributes_type': 'a mapping'}
@@ -300,14 +312,11 @@ def check_params(p: dict) -> dict:
     if unknown: raise ParamsError(f"params.yaml: '{unknown[0]}' is not a stage (expected stages {list(STAGES)})")
     for name in STAGES: stage(p, name)
     task = p['table']['target']['task']
-    if p['gate']['metric'] not in GATE_METRICS[task]:
-        raise ParamsError(f"params.yaml: 'gate.metric' must be one of {list(GATE_METRICS[task])} for task {task}, got {p['gate']['metric']!r}")
+    gate_direction(p['gate']['metric'], task)
     by = p['split'].get('by')
     if by is not None and by not in p['table']['columns']:
         raise ParamsError(f"params.yaml: 'split.by' must be an input column of table.columns (one of {list(p['table']['columns'])}), got {by!r}")
-    sweep_metric = p['sweep']['metric']
-    if not sweep_metric.startswith(('test_', 'train_')): raise ParamsError(f"params.yaml: 'sweep.metric' must be test_<metric> or train_<metric>, got {sweep_metric!r}")
-    greater_is_better(sweep_metric, task, 'sweep.metric')
+    sweep_direction(p['sweep']['metric'], task)
     return p
 
 # %% ../notebooks/lib/00_config.ipynb #39649644

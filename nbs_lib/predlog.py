@@ -16,12 +16,10 @@ __all__ = ['log_batch', 'write_table', 'Journal', 'read_journal', 'recover_journ
            'PredictionLog', 'read_prediction_log']
 
 # %% ../notebooks/lib/10c_predlog.ipynb #h18-journal
-_SCHEMAS = {}  # id(spec) -> its log schema (built once: log_batch is on the request path)
-
-def log_batch(X: pd.DataFrame, spec: DataSpec, score, decision, version: str, request_ids, received, shadow: bool = False):
-    "The rows of `log_frame` as one pyarrow RecordBatch of `log_schema(spec)`, built from the arrays (no frame: it is on the request's path)."
+def log_batch(X: pd.DataFrame, spec: DataSpec, score, decision, version: str, request_ids, received, shadow: bool = False, schema=None):
+    "The rows of `log_frame` as one pyarrow RecordBatch of `log_schema(spec)` (pass `schema` to build it once), from the arrays: it is on the request's path."
     import pyarrow as pa
-    schema = _SCHEMAS.get(id(spec)) or _SCHEMAS.setdefault(id(spec), log_schema(spec))
+    schema = schema or log_schema(spec)
     n, t, inputs = len(X), schema.types, spec.inputs
     if n <= 64 and list(X.columns) == inputs:  # a few rows (the common request): one conversion beats a lookup per column
         V = X.to_numpy(dtype=object)
@@ -68,7 +66,7 @@ class _Segment:
 class Journal:
     "Append-only journal of a process's prediction-log rows, in segments that each flush of the log rotates."
     def __init__(self, folder: str | Path, spec: DataSpec):
-        self.folder, self.spec, self._seq = Path(folder), spec, 0
+        self.folder, self.spec, self.schema, self._seq = Path(folder), spec, log_schema(spec), 0
         self.segment = self._open()
 
     def _open(self) -> _Segment:
@@ -78,7 +76,7 @@ class Journal:
 
     def write(self, *rows) -> None:
         "Append the rows (the arguments of `log_frame`) to the open segment."
-        self.segment.write(log_batch(rows[0], self.spec, *rows[1:]))
+        self.segment.write(log_batch(rows[0], self.spec, *rows[1:], schema=self.schema))
 
     def rotate(self) -> _Segment:
         "Start a new segment; returns the previous one (to `remove` once its rows are in parquet)."

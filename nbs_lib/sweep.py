@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse, contextlib, copy, hashlib, io, itertools, json, math, os, re, shutil, signal, socket, sys, threading, time, warnings
 from pathlib import Path
 import yaml
-from .config import METRICS, ParamsError, UserError, check_params, check_stage, greater_is_better, load_params, project_root, stage
+from .config import METRICS, ParamsError, UserError, check_params, check_stage, load_params, project_root, stage, sweep_direction
 from .data import md5
 
 # %% auto #0
@@ -42,8 +42,7 @@ def parse_set(items) -> dict:
 def check_sweep(p: dict) -> dict:
     "The `sweep:` stage of params `p` checked (ParamsError naming the key), with its metric's direction for the task."
     s = stage(p, 'sweep'); task = stage(p, 'table')['target']['task']
-    if not s['metric'].startswith(('test_', 'train_')): raise ParamsError(f"params.yaml: 'sweep.metric' must be test_<metric> or train_<metric>, got {s['metric']!r}")
-    return {**s, 'task': task, 'greater_is_better': greater_is_better(s['metric'], task, 'sweep.metric')}
+    return {**s, 'task': task, 'greater_is_better': sweep_direction(s['metric'], task)}
 
 def _leaves(d: dict, prefix: str = '') -> list[str]:
     return [x for k, v in d.items() for x in (_leaves(v, f'{prefix}{k}.') if isinstance(v, dict) else [f'{prefix}{k}'])]

@@ -15,8 +15,6 @@ def pipeline_tasks(root: Path) -> list[dict]:
     import yaml
     return yaml.safe_load((root/'pipeline.yaml').read_text()).get('tasks', [])
 
-_pipeline_tasks = pipeline_tasks
-
 # %% auto #0
 __all__ = ['OFFLINE_ENV', 'SCRATCH', 'pipeline_tasks', 'offline_env', 'notebook_error', 'failure_line', 'expected_warnings',
            'dag_spec', 'task_defaults', 'scratch_path', 'merge_stage', 'notebook_params']
@@ -105,12 +103,12 @@ def merge_stage(default, given):
     return given
 
 def _nb_keys(root: Path, name: str) -> set:
-    t = next(t for t in _pipeline_tasks(root) if t.get('name') == name)
+    t = next(t for t in pipeline_tasks(root) if t.get('name') == name)
     keys = t.get('nb_product_key', 'nb')
     return set([keys] if isinstance(keys, str) else keys)
 
 def _task_source(root: Path, name: str) -> Path:
-    return root/next(t for t in _pipeline_tasks(root) if t.get('name') == name)['source']
+    return root/next(t for t in pipeline_tasks(root) if t.get('name') == name)['source']
 
 def _explore_record(name: str, up: str, record: Path, stages: dict, inputs: dict, root: Path) -> Path:
     "A run of its own for a task run by hand whose upstream run is the build's: same model, nbs.kind=explore; returns its record."
@@ -128,7 +126,7 @@ def _explore_record(name: str, up: str, record: Path, stages: dict, inputs: dict
 def notebook_params(name: str, given: dict, root: Path | None = None, verbose: bool = True) -> dict:
     "The parameters for task notebook `name` run outside `ploomber build`, from what it was `given` (its globals); see above."
     offline_env()
-    root = Path(root or project_root()); tasks = _pipeline_tasks(root)
+    root = Path(root or project_root()); tasks = pipeline_tasks(root)
     spec = next(t for t in tasks if t.get('name') == name)
     stages = [k for k in (spec.get('params') or {}) if k != 'resources_']
     if given.get('product') is not None:  # a caller that names its products must give everything else (a sweep: read pipeline.yaml only, no DAG)

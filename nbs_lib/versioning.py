@@ -16,7 +16,7 @@ def git(root: Path, *args: str) -> str | None:
     except (OSError, subprocess.CalledProcessError): return None
 
 # %% auto #0
-__all__ = ['git', 'dvc_record', 'dvc_tags', 'mismatch_error', 'verify', 'dvc_repo', 'raw_files', 'ensure_raw', 'run_inputs',
+__all__ = ['git', 'dvc_record', 'dvc_tags', 'mismatch_error', 'verify', 'dvc_repo', 'ensure_raw', 'run_inputs',
            'check_reproducible', 'restore_data', 'resolve_run', 'compare_metrics', 'run_metrics', 'reproduce', 'main']
 
 # %% ../notebooks/lib/09_versioning.ipynb #000c918d
@@ -106,11 +106,6 @@ def _reason(e: Exception) -> str:
 def _default_remote(repo) -> str:
     return repo.config['core'].get('remote') or 'none'
 
-def raw_files(p: dict, root: Path) -> list[Path]:
-    "The raw files the pipeline reads (params.yaml `data:`), as paths under `root`."
-    from nbs_lib.data import raw_files as files
-    return files(p, root)
-
 def _pull(root: Path, files: list[Path]) -> str:
     "dvc pull `files` (from the cache, else the default remote); returns a note on what happened."
     if not (root/'.dvc').is_dir(): return 'not a DVC project'
@@ -144,6 +139,7 @@ def _to_cache(root: Path, files: list[Path]) -> None:
 
 def ensure_raw(p: dict, root: Path | None = None, rehash: bool = False) -> str:
     "Make the raw files hold the bytes their .dvc files record: dvc pull, else regenerate; verify; one summary line."
+    from nbs_lib.data import raw_files
     root = Path(root or project_root()); files = raw_files(p, root); package = p['data'].get('package')
     missing = [f for f in files if not f.exists()]
     notes = []
