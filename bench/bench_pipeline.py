@@ -58,15 +58,15 @@ PLAIN = textwrap.dedent('''
     t0 = time.perf_counter()
     from nbs_lib.config import load_params, check_params, project_root
     from nbs_lib.data import DataSpec, check_table, model_table, sample_rows, split_table, write_parquet, read_table
-    from nbs_lib.features import join_weather, load_raw
+    from nbs_lib.features import join_raw, load_raw
     from nbs_lib.models import model_from_params
     from nbs_lib import metrics as mt
     track = sys.argv[1] == 'track'
     p = check_params(load_params()); root = project_root(); d = p['data']; out = root/'build-plain'; spec = DataSpec.from_params(p)
-    flights, weather = load_raw(root/d['raw_dir'], d['files'])
-    flights = sample_rows(flights, d['sample_frac'], d['seed'], p['split']['by'])
-    write_parquet(flights, out/'flights.parquet'); write_parquet(weather, out/'weather.parquet')
-    table = model_table(join_weather(read_table(out/'flights.parquet'), read_table(out/'weather.parquet')), spec)
+    frames = load_raw(root/d['raw_dir'], d['files']); main = next(iter(frames))
+    frames[main] = sample_rows(frames[main], d['sample_frac'], d['seed'], p['split']['by'])
+    for name, f in frames.items(): write_parquet(f, out/f'{name}.parquet')
+    table = model_table(join_raw({name: read_table(out/f'{name}.parquet') for name in frames}), spec)
     check_table(table, spec)
     train, test = split_table(table, p['split'], spec)
     write_parquet(train, out/'train.parquet'); write_parquet(test, out/'test.parquet')
@@ -137,13 +137,13 @@ TASK = textwrap.dedent('''
         _warm_up()
         from nbs_lib.config import check_stage
         from nbs_lib.data import DataSpec, check_table, model_table, read_table, split_table, write_parquet
-        from nbs_lib.features import join_weather
+        from nbs_lib.features import join_raw
     if mode == 'engine':
         from ploomber_engine import execute_notebook
     t0 = time.perf_counter()
     if mode == 'plain':
         spec = DataSpec.from_params(p)
-        t = model_table(join_weather(read_table(params['upstream']['ingest']['flights']), read_table(params['upstream']['ingest']['weather'])), spec)
+        t = model_table(join_raw({k: read_table(v) for k, v in params['upstream']['ingest'].items() if k not in ('nb', 'html')}), spec)
         check_table(t, spec); tr, te = split_table(t, p['split'], spec)
         write_parquet(tr, out/'train.parquet'); write_parquet(te, out/'test.parquet')
     elif mode == 'engine':

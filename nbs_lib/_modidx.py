@@ -91,6 +91,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'nbs_lib.data.validate_schema': ('data.html#validate_schema', 'nbs_lib/data.py'),
                               'nbs_lib.data.write_parquet': ('data.html#write_parquet', 'nbs_lib/data.py')},
             'nbs_lib.features': { 'nbs_lib.features.day_of_week': ('features.html#day_of_week', 'nbs_lib/features.py'),
+                                  'nbs_lib.features.join_raw': ('features.html#join_raw', 'nbs_lib/features.py'),
                                   'nbs_lib.features.join_weather': ('features.html#join_weather', 'nbs_lib/features.py'),
                                   'nbs_lib.features.load_raw': ('features.html#load_raw', 'nbs_lib/features.py'),
                                   'nbs_lib.features.time_features': ('features.html#time_features', 'nbs_lib/features.py')},

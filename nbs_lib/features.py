@@ -12,7 +12,7 @@ import pandas as pd
 from .data import read_table, validate_schema
 
 # %% auto #0
-__all__ = ['FLIGHTS_SCHEMA', 'WEATHER_SCHEMA', 'load_raw', 'join_weather', 'day_of_week', 'time_features']
+__all__ = ['FLIGHTS_SCHEMA', 'WEATHER_SCHEMA', 'load_raw', 'join_weather', 'join_raw', 'day_of_week', 'time_features']
 
 # %% ../notebooks/lib/02_features.ipynb #03c49507
 FLIGHTS_SCHEMA = {'year': 'int', 'month': 'int', 'day': 'int', 'dep_time': 'float', 'sched_dep_time': 'int',
@@ -22,12 +22,11 @@ WEATHER_SCHEMA = {'origin': 'str', 'time_hour': 'str', 'temp': 'float', 'dewp': 
                   'wind_dir': 'float', 'wind_speed': 'float', 'wind_gust': 'float', 'precip': 'float',
                   'pressure': 'float', 'visib': 'float'}
 
-def load_raw(raw_dir: str | Path, files: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Read and validate the raw flights and weather tables (params' data.files) from `raw_dir`."
+def load_raw(raw_dir: str | Path, files: dict) -> dict[str, pd.DataFrame]:
+    "The raw tables of params' data.files, read from `raw_dir` and validated, by name (the first is the one sampled)."
     raw_dir = Path(raw_dir)
-    flights = validate_schema(read_table(raw_dir/files['flights']), FLIGHTS_SCHEMA, files['flights'])
-    weather = validate_schema(read_table(raw_dir/files['weather']), WEATHER_SCHEMA, files['weather'])
-    return flights, weather
+    return {'flights': validate_schema(read_table(raw_dir/files['flights']), FLIGHTS_SCHEMA, files['flights']),
+            'weather': validate_schema(read_table(raw_dir/files['weather']), WEATHER_SCHEMA, files['weather'])}
 
 # %% ../notebooks/lib/02_features.ipynb #fea-join
 def join_weather(flights: pd.DataFrame, weather: pd.DataFrame) -> pd.DataFrame:
@@ -36,6 +35,10 @@ def join_weather(flights: pd.DataFrame, weather: pd.DataFrame) -> pd.DataFrame:
     w = weather.drop_duplicates(keys)
     w = w[keys + [c for c in w.columns if c not in flights.columns]]
     return flights.merge(w, on=keys, how='left', validate='many_to_one')
+
+def join_raw(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    "The one frame the modelling table is taken from, made of the raw tables `load_raw` gave (by name)."
+    return join_weather(frames['flights'], frames['weather'])
 
 # %% ../notebooks/lib/02_features.ipynb #c0794217
 def day_of_week(year, month, day) -> np.ndarray:
