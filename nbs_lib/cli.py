@@ -243,11 +243,14 @@ SUBCOMMANDS = {'sweep': ('nbs_lib.sweep', 'run a parameter grid of the train+eva
                'register': ('nbs_lib.gate', 'register the best run and promote it to champion if it beats the current one'),
                'reproduce': ('nbs_lib.versioning', 're-run a recorded run from its commit and data and compare metrics'),
                'monitor': ('nbs_lib.monitor', 'compare current data and predictions with the training data: drift report'),
-               'serve': ('nbs_lib.serving', 'import the champion into BentoML, build the Bento, serve it')}
+               'serve': ('nbs_lib.serving', 'import the champion into BentoML, build the Bento, serve it'),
+               'new': ('nbs_lib.scaffold', 'generate a new project from this template (copier) on your own data file'),
+               'update': ('nbs_lib.scaffold:update_main', "bring the template's later changes into this generated project")}
 
 def _dispatch(cmd: str, argv: list[str]) -> int:
     import importlib
-    return importlib.import_module(SUBCOMMANDS[cmd][0]).main(argv) or 0
+    module, _, fn = SUBCOMMANDS[cmd][0].partition(':')
+    return getattr(importlib.import_module(module), fn or 'main')(argv) or 0
 
 # %% ../notebooks/lib/06_cli.ipynb #38380fc8
 def check_all(p: dict) -> dict:

@@ -59,12 +59,12 @@ def column_kind(s: pd.Series) -> tuple[str | None, str]:
     if pd.to_datetime(s.dropna().head(50), errors='coerce', format='mixed').notna().all(): return None, 'dates as text: parse them into int columns in the ingest notebook'
     return None, f'text with {u} distinct values in {n} rows (free text or ids)'
 
-def infer(frame: pd.DataFrame) -> dict:
-    "The proposal for every question after `data_file`: target, task, rule, split and the feature lists."
+def infer(frame: pd.DataFrame, target: str | None = None) -> dict:
+    "The proposal for every question after `data_file` (after `target`, when it is given): task, rule, split, features."
     kinds = {c: column_kind(frame[c]) for c in frame.columns}
     usable = [c for c, (k, _) in kinds.items() if k]
     named = [c for c in usable if c.lower() in ('target', 'label', 'y', 'outcome', 'class')]
-    target = (named or usable or list(frame.columns))[-1] if not named else named[0]
+    if target not in frame.columns: target = named[0] if named else (usable or list(frame.columns))[-1]
     t = frame[target]
     two = t.nunique(dropna=True) == 2 and set(t.dropna().astype(float).unique()) <= {0.0, 1.0} if pd.api.types.is_numeric_dtype(t) or pd.api.types.is_bool_dtype(t) else False
     task = 'binary' if two or not pd.api.types.is_numeric_dtype(t) else 'regression'
@@ -194,7 +194,7 @@ def table_stage(a: dict) -> dict:
         dtype = 'category' if kind == 'category' else 'int' if kind == 'int' and s.notna().all() else 'float'
         role = 'categorical' if c in cat else 'numeric' if c in num else 'derive'
         cols[str(c)] = {'dtype': dtype, 'role': role, **({'nullable': True} if s.isna().any() else {}),
-                        'doc': 'the split column (not a feature)' if role == 'derive' else ''}
+                        **({'doc': 'the split column (not a feature)'} if role == 'derive' else {})}
     target = {'column': a['target'], 'task': a['task'], **({'rule': a['rule'].strip()} if a['task'] == 'binary' and (a.get('rule') or '').strip() else {})}
     return {'target': target, 'columns': cols}
 
@@ -211,7 +211,7 @@ def _flow(stage: dict, comment: str) -> str:
     if 'columns' in stage:
         cols = stage['columns']; rest = {k: v for k, v in stage.items() if k != 'columns'}
         body = yaml.safe_dump(rest, sort_keys=False, width=1000) + 'columns:\n' + ''.join(
-            f"  {c}: {yaml.safe_dump(v, default_flow_style=True, width=1000).strip()}\n" for c, v in cols.items())
+            f"  {c}: {yaml.safe_dump(v, default_flow_style=True, sort_keys=False, width=1000).strip()}\n" for c, v in cols.items())
     return '\n'.join(lines + [body])
 
 def project_params(template_text: str, a: dict) -> str:
@@ -272,11 +272,13 @@ def project_file(root: Path, rel: str, a: dict) -> str:
     text = (root/rel).read_text()
     if rel == 'params.yaml': return project_params(text, a)
     if rel == 'pipeline.yaml': return project_pipeline(text, yaml.safe_load((root/'params.yaml').read_text())['data']['files'], a)
+    if rel == 'pyproject.toml':  # tests build on about 10,000 rows of the data (all of a smaller file)
+        text = re.sub(r'^(test_sample_frac = )[0-9.]+', lambda m: f"{m.group(1)}{min(1.0, round(10_000/len(read_data(a['data_file'])), 3))}", text, flags=re.M)
     package = yaml.safe_load((root/'params.yaml').read_text())['data'].get('package')
     if package: text = ''.join(l for l in text.splitlines(keepends=True) if not re.search(rf'\b{re.escape(package)}\b', l))
     slug = a['project_name']
     for old, new in sorted(example_names(root).items(), key=lambda kv: -len(kv[0])):
-        text = re.sub(rf'(?<![\w-]){re.escape(old)}(?![\w-])', new.format(slug=slug, snake=slug.replace('-', '_')), text)
+        text = re.sub(rf'(?<!\w){re.escape(old)}(?!\w)', new.format(slug=slug, snake=slug.replace('-', '_')), text)
     return text
 
 # %% ../notebooks/lib/12_scaffold.ipynb #scf-init
@@ -313,7 +315,7 @@ def _copier(fn, **kw) -> int:
     try: fn(**kw, unsafe=True, quiet=kw.pop('quiet', False)); return 0
     except (ValueError, UserError, copier.errors.CopierError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg.removeprefix('Validation error for question ')}", file=sys.stderr); return 2
+        print(f"error: {re.sub(r'^Validation error for question [^:]+: ', '', msg)}", file=sys.stderr); return 2
 
 def main(argv: list[str] | None = None) -> int:
     "`nbs new DEST [--data FILE] [-d question=answer ...] [--defaults]`: a new project from this template."
@@ -359,11 +361,11 @@ class Scaffold(Extension):
         super().__init__(environment)
         root = Path(__file__).resolve().parents[1]
         environment.globals['nbs_problem'] = pass_context(lambda ctx, name: problem(name, ctx.get_all()))
-        environment.globals['nbs_propose'] = lambda data_file, key: _propose(data_file, key)
+        environment.globals['nbs_propose'] = pass_context(lambda ctx, key: _propose(ctx.get('data_file'), key, ctx.get('target')))
         environment.globals['nbs_file'] = pass_context(lambda ctx, rel: project_file(root, rel, ctx.get_all()))
 
-def _propose(data_file: str, key: str):
-    try: return infer(read_data(data_file))[key]
+def _propose(data_file: str, key: str, target: str | None = None):
+    try: return infer(read_data(data_file), target)[key]
     except UserError: return ''
 
 # %% ../notebooks/lib/12_scaffold.ipynb #scf-main

@@ -1,14 +1,15 @@
 """Shared fixtures: a throw-away copy of the project, built on a small sample of the real data, with its own
 sqlite MLflow store. Everything runs the real components (notebooks, ploomber, MLflow), nothing is mocked."""
 from __future__ import annotations
-import json, os, shutil, subprocess, sys
+import json, os, shutil, subprocess, sys, tomllib
 from pathlib import Path
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SAMPLE_FRAC = 0.03
+# the share of the raw rows a test build keeps (pyproject's [tool.nbs] test_sample_frac; `nbs new` sets it for your data)
+SAMPLE_FRAC = float(tomllib.loads((ROOT/'pyproject.toml').read_text()).get('tool', {}).get('nbs', {}).get('test_sample_frac', 0.03))
 # what a project copy needs: the sources of the pipeline, not products or stores
 PROJECT_FILES = ['params.yaml', 'pipeline.yaml', 'pyproject.toml', 'requirements.lock', 'notebooks', 'nbs_lib', 'data/raw']
 OFFLINE = {'MLFLOW_DISABLE_TELEMETRY': 'true', 'BENTOML_DO_NOT_TRACK': 'true', 'DVC_NO_ANALYTICS': '1',
