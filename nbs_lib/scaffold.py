@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     data = _answers(args.answer)
     if args.data: data['data_file'] = str(Path(args.data).expanduser().resolve())
     data.setdefault('project_name', dst.name)
-    root = project_root()
+    root = Path(__file__).resolve().parents[1]  # the template this nbs_lib belongs to (its copier.yml), wherever it runs
+    if not (root/'copier.yml').exists(): raise AnswerError(f"{root}: no copier.yml (run `nbs new` from a clone of the template)")
     return _copier(copier.run_copy, src_path=str(root), dst_path=str(dst), data=data, defaults=args.defaults, vcs_ref=args.vcs_ref)
 
 def update_main(argv: list[str] | None = None) -> int:
