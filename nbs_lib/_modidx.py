@@ -249,6 +249,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'nbs_lib.scaffold._propose': ('scaffold.html#_propose', 'nbs_lib/scaffold.py'),
                                   'nbs_lib.scaffold._read': ('scaffold.html#_read', 'nbs_lib/scaffold.py'),
                                   'nbs_lib.scaffold._set': ('scaffold.html#_set', 'nbs_lib/scaffold.py'),
+                                  'nbs_lib.scaffold.baseline_rmse': ('scaffold.html#baseline_rmse', 'nbs_lib/scaffold.py'),
                                   'nbs_lib.scaffold.check_answer': ('scaffold.html#check_answer', 'nbs_lib/scaffold.py'),
                                   'nbs_lib.scaffold.column_kind': ('scaffold.html#column_kind', 'nbs_lib/scaffold.py'),
                                   'nbs_lib.scaffold.data_path': ('scaffold.html#data_path', 'nbs_lib/scaffold.py'),

@@ -9,15 +9,18 @@ nothing of the worked example. `nbs update` (in the generated project) brings in
 from __future__ import annotations
 import argparse, functools, os, re, shutil, subprocess, sys
 from pathlib import Path
+import numpy as np
 import pandas as pd
 import yaml
+from jinja2 import pass_context
+from jinja2.ext import Extension
 from .config import RULE_PATTERN, UserError, check_params, project_root
 from .data import read_table
 
 # %% auto #0
 __all__ = ['SLUG', 'TIME_NAMES', 'AnswerError', 'data_path', 'read_data', 'column_kind', 'infer', 'test_values', 'check_answer',
-           'problem', 'table_stage', 'split_stage', 'project_params', 'project_pipeline', 'example_names',
-           'project_file', 'init_project', 'main', 'update_main', 'Scaffold']
+           'problem', 'table_stage', 'split_stage', 'baseline_rmse', 'project_params', 'project_pipeline',
+           'example_names', 'project_file', 'init_project', 'main', 'update_main', 'Scaffold']
 
 # %% ../notebooks/lib/12_scaffold.ipynb #scf-read
 class AnswerError(UserError):
@@ -214,11 +217,18 @@ def _flow(stage: dict, comment: str) -> str:
             f"  {c}: {yaml.safe_dump(v, default_flow_style=True, sort_keys=False, width=1000).strip()}\n" for c, v in cols.items())
     return '\n'.join(lines + [body])
 
+def baseline_rmse(a: dict) -> float:
+    "The test RMSE of predicting the training rows' mean: the regression gate's `min_metric` (a champion must beat it)."
+    df = read_data(a['data_file']); y = df[df[a['target']].notna()]
+    if a['split'] == 'time': test = y[a['split_by']].isin(a['test_values'])
+    else: test = pd.Series(np.random.default_rng(int(a.get('seed', 7))).random(len(y)) < float(a['test_fraction']), index=y.index)
+    t = y[a['target']].astype(float)
+    return round(float(np.sqrt(((t[test] - t[~test].mean())**2).mean())), 6)
+
 def project_params(template_text: str, a: dict) -> str:
     "The generated project's params.yaml: the template's, with the data, table and split stages of the answers."
     df = read_data(a['data_file']); slug = a['project_name']; table = table_stage(a); split = split_stage(a)
     reg = a['task'] == 'regression'
-    y = df[a['target']].dropna()
     n_test = len(df) * float(a['test_fraction']) if a['split'] == 'random' else int(df[a['split_by']].isin(a['test_values']).sum())
     out = []
     for key, block in _blocks(template_text):
@@ -236,7 +246,7 @@ def project_params(template_text: str, a: dict) -> str:
         elif key == 'tracking': block = _set(block, 'experiment', slug)
         elif key == 'registry': block = _set(block, 'model_name', slug)
         elif key == 'gate':
-            block = _set(_set(block, 'metric', 'rmse' if reg else 'roc_auc'), 'min_metric', round(float(y.std()), 6) if reg else 0.5)
+            block = _set(_set(block, 'metric', 'rmse' if reg else 'roc_auc'), 'min_metric', baseline_rmse(a) if reg else 0.5)
         elif key == 'evaluate': block = _set(block, 'threshold', 0.5)
         elif key == 'sweep': block = _set(block, 'metric', 'test_rmse' if reg else 'test_roc_auc')
         elif key == 'monitor':
@@ -353,9 +363,6 @@ def update_main(argv: list[str] | None = None) -> int:
     return rc
 
 # %% ../notebooks/lib/12_scaffold.ipynb #scf-ext
-from jinja2 import pass_context
-from jinja2.ext import Extension
-
 class Scaffold(Extension):
     "Jinja globals of copier.yml and the *.jinja siblings: the answers' checks, the proposals, the generated files."
     def __init__(self, environment):
