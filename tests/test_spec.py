@@ -155,7 +155,7 @@ def test_pyfunc_clients_score_the_project_table_unchanged(served):
 # --- the workflow knows no column of the example --------------------------------------------------------------------
 
 WORKFLOW = ['config', 'data', 'models', 'metrics', 'tracking', 'tasks', 'sweep', 'gate', 'versioning', 'schema', 'scoring', 'predlog',
-            'guard', 'serving', 'monitor', 'cli']
+            'guard', 'serving', 'monitor', 'cli', 'scaffold']
 
 
 def test_workflow_modules_name_no_column_of_the_example():
