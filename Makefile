@@ -83,7 +83,11 @@ export: setup ## export notebooks/lib to nbs_lib (nbdev) and strip notebook outp
 dag: setup ## draw the DAG offline, with each task's status: build/pipeline.html (self-contained) and build/pipeline.svg
 	$(BIN)/nbs dag
 
+# bench/ holds the template's own benchmarks (of the flights example); a project made by `make new` has none
+HAVE_BENCH = @test -d bench || { echo "error: no bench/ here: the workflow's benchmarks live in the template repository (make new leaves them out)" >&2; exit 2; }
+
 bench: setup data ## benchmarks of the workflow's own overhead against plain Python (writes bench/results.md)
+	$(HAVE_BENCH)
 	$(BIN)/python bench/bench_pipeline.py --repeats 3 --full
 
 clean: ## remove build products (not the MLflow store, not the venv)
@@ -125,6 +129,7 @@ sweep: pipeline ## run the params.yaml sweep grid in parallel, one MLflow child 
 	$(BIN)/nbs sweep $(SWEEP_ARGS)
 
 bench-sweep: data ## benchmark: per-configuration overhead of a sweep over plain Python, parallel efficiency (bench/results-sweep.md)
+	$(HAVE_BENCH)
 	$(BIN)/python bench/bench_sweep.py
 
 # serving (issue 4): the BentoML store is project-local (build/bentoml, set from serve.bentoml_home by `nbs serve`)
@@ -140,6 +145,7 @@ serve: setup ## serve the MLflow champion on http://127.0.0.1:3000 (after the ga
 	$(BIN)/nbs serve run
 
 bench-serving: data ## benchmark the service: HTTP vs in-process, latency p50/p99, batching on/off
+	$(HAVE_BENCH)
 	$(BIN)/python bench/bench_serving.py
 
 .PHONY: monitor retrain
@@ -154,6 +160,7 @@ retrain: rebuild ## retrain on the data in data/raw (every task again), then the
 
 STRESS_ARGS ?=
 stress: data ## the service under load (120 s, concurrency 32), schema fuzzing, hostile input: errors, p99, memory, 5xx, readiness (bench/results-stress.md)
+	$(HAVE_BENCH)
 	$(BIN)/python bench/stress.py $(STRESS_ARGS)
 
 # the team setup (README "Team"): a tracking server on PostgreSQL with S3 artifacts, DVC's remote on the same S3
@@ -167,6 +174,7 @@ team-down: setup ## stop the team stack, DVC back to the committed remote (TEAM_
 	$(BIN)/python team/stack.py down --state $(TEAM_STATE) --dvc-project . $(TEAM_ARGS)
 
 bench-team: data ## a build against the team stack next to the embedded default, in one run (bench/results-team.md)
+	$(HAVE_BENCH)
 	$(BIN)/python bench/bench_team.py --out bench/results-team.md
 
 team-status: setup ## is each server of the team stack up, and where
