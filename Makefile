@@ -35,6 +35,8 @@ $(STAMP): requirements.lock pyproject.toml
 	@# the display name Lab writes back into a notebook on save: the one the committed notebooks carry
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)" >/dev/null
 	$(BIN)/nbs activate-env $(VENV)/bin/activate
+	@# offline Lab: no news feed prompt, no update check (both would reach the internet)
+	mkdir -p $(VENV)/share/jupyter/lab/settings && echo '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' > $(VENV)/share/jupyter/lab/settings/overrides.json
 	@touch $@
 
 setup: $(STAMP) git-setup ## create .venv from the pinned lock, prepare Jupyter and git for notebooks

@@ -4,3 +4,6 @@ from nbs_lib.tracking import git_post_save
 
 c = get_config()  # noqa: F821
 c.ContentsManager.post_save_hook = git_post_save
+# offline: JupyterLab's news feed and its update check both reach the internet; neither runs
+c.LabApp.news_url = None
+c.LabApp.check_for_updates_class = 'jupyterlab.handlers.announcements.NeverCheckForUpdate'
