@@ -5,17 +5,18 @@
 
 # %% ../notebooks/lib/08_gate.ipynb #c22681ba
 from __future__ import annotations
-import argparse, datetime, json, re, sys, time
+import argparse, contextlib, datetime, json, os, re, socket, sys, time, uuid
 from pathlib import Path
 import numpy as np
 import yaml
 from .config import GATE_METRICS, DataError, ParamsError, UserError, check_stage, gate_direction, load_params, project_root, stage
 
 # %% auto #0
-__all__ = ['check_gate', 'resample_indices', 'metric_value', 'bootstrap_deltas', 'paired_bootstrap', 'decide', 'product_path',
-           'get_run', 'latest_build', 'find_sweep', 'sweep_runs', 'best_run', 'logged_model', 'select_candidate',
-           'load_test', 'predict', 'champion_version', 'existing_version', 'version_tags', 'register',
-           'render_markdown', 'write_report', 'run_gate', 'main']
+__all__ = ['LOCK_SUFFIX', 'HISTORY_TAG', 'check_gate', 'resample_indices', 'metric_value', 'bootstrap_deltas', 'paired_bootstrap',
+           'decide', 'product_path', 'get_run', 'latest_build', 'find_sweep', 'sweep_runs', 'best_run', 'logged_model',
+           'select_candidate', 'load_test', 'predict', 'champion_version', 'existing_version', 'version_tags',
+           'register', 'render_markdown', 'write_report', 'champion_lock', 'champion_history', 'move_champion',
+           'previous_champion', 'run_gate', 'main', 'rollback', 'rollback_main']
 
 # %% ../notebooks/lib/08_gate.ipynb #7cee15e2
 def check_gate(p: dict) -> dict:
@@ -349,6 +350,65 @@ def write_report(r: dict, out_dir: Path) -> tuple[Path, Path]:
     (out_dir/'report.md').write_text(render_markdown(r))
     return out_dir/'report.json', out_dir/'report.md'
 
+# %% ../notebooks/lib/08_gate.ipynb #gat-cas
+LOCK_SUFFIX = '.champion-lock'
+HISTORY_TAG = 'nbs.champion_history'
+
+@contextlib.contextmanager
+def champion_lock(client, name: str, timeout_s: float = 300, stale_s: float = 900, poll_s: float = 0.2):
+    "Hold the lock on moving `name`'s aliases: the registered model `<name>.champion-lock`, made atomically by the store."
+    from mlflow.exceptions import MlflowException
+    lock, me = name + LOCK_SUFFIX, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags={'nbs.lock_owner': me, 'nbs.lock_since': f'{time.time():.3f}'},
+                                           description=f"lock: {me} is moving the aliases of {name} (nbs register / nbs rollback); deleted when done")
+            break
+        except MlflowException as e:
+            if e.error_code != 'RESOURCE_ALREADY_EXISTS': raise
+        try: held = client.get_registered_model(lock)
+        except MlflowException: continue  # released in between: try again
+        age = time.time() - float(held.tags.get('nbs.lock_since', 0) or 0)
+        if age > stale_s:
+            with contextlib.suppress(MlflowException): client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise UserError(f"registry: {lock} is held by {held.tags.get('nbs.lock_owner')} for {age:.0f}s: another nbs register "
+                            f"or rollback is moving {name}'s champion (if that process is gone, delete the registered model {lock})")
+        time.sleep(poll_s)
+    try: yield me
+    finally:
+        with contextlib.suppress(MlflowException): client.delete_registered_model(lock)
+
+def champion_history(client, name: str) -> list[dict]:
+    "Every move of `name`'s champion, oldest first (the registered model's tag nbs.champion_history)."
+    from mlflow.exceptions import MlflowException
+    try: return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, '[]'))
+    except MlflowException: return []
+
+def move_champion(client, name: str, version, expected, reason: str, by: str = 'register', lock_timeout_s: float = 300) -> bool:
+    "Compare-and-set: move `champion` to `version` only if it is still `expected` (a ModelVersion or None); False if it moved."
+    with champion_lock(client, name, timeout_s=lock_timeout_s):
+        cur = champion_version(client, name)
+        if (cur and cur.version) != (expected and expected.version): return False
+        client.set_registered_model_alias(name, 'champion', str(version))
+        when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+        history = champion_history(client, name) + [{'version': str(version), 'previous': cur and str(cur.version), 'time': when,
+                                                     'reason': reason[:300], 'by': by}]
+        while len(json.dumps(history)) > 4800: history.pop(0)  # a tag value holds 5000 characters: the oldest moves go first
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        client.set_model_version_tag(name, str(version), 'nbs.champion_since', when)
+    return True
+
+def previous_champion(history: list[dict]) -> str | None:
+    "The version `nbs rollback` returns to: the champion before the current one (a rollback undoes one promotion)."
+    stack = []
+    for e in history:
+        if e['by'] == 'rollback' and stack: stack.pop()
+        else: stack.append(e['version'])
+    return stack[-2] if len(stack) >= 2 else None
+
 # %% ../notebooks/lib/08_gate.ipynb #0c14b88d
 def _run_or_none(client, run_id: str | None):
     from mlflow.exceptions import MlflowException
@@ -361,7 +421,7 @@ def _side(run, version, uri: str, value: float, key: str) -> dict:
             'logged_metric': run.data.metrics.get(key) if run else None}
 
 def run_gate(root: Path, p: dict, sweep: str | None = None, run_id: str | None = None, from_build: bool = False,
-             log=print) -> dict:
+             log=print, _attempt: int = 1) -> dict:
     "Pick the candidate, score it and the champion on the same test data, register it, move aliases; returns the report."
     g = check_gate(p); name = p['registry']['model_name']; key = f"test_{g['metric']}"; b = g['bootstrap']
     client = _client()
@@ -389,7 +449,11 @@ def run_gate(root: Path, p: dict, sweep: str | None = None, run_id: str | None =
     # from here on: register and move aliases (all inputs are good)
     v, created = register(client, name, run, lm, g)
     client.set_registered_model_alias(name, 'challenger', v.version)
-    if decision == 'promoted': client.set_registered_model_alias(name, 'champion', v.version)
+    if decision == 'promoted' and not move_champion(client, name, v.version, champ, reason):
+        now = champion_version(client, name)
+        if _attempt >= 3: raise UserError(f"registry: {name}'s champion kept moving while this gate judged (now version {now and now.version}): run nbs register again")
+        log(f"champion moved during the gate (version {champ and champ.version} -> {now and now.version}): judging again against the new champion")
+        return run_gate(root, p, sweep, run_id, from_build, log, _attempt + 1)
     now = champion_version(client, name)
     r = {'decision': decision, 'reason': reason, 'exit_code': 3 if decision == 'rejected' else 0,
          'registered_model': name, 'version_created': created, 'source': source, 'metric': g['metric'],
@@ -429,4 +493,31 @@ def main(argv: list[str] | None = None) -> int:
     if r['decision'] == 'rejected':
         print(f"rejected: {r['reason']}", file=sys.stderr); return 3
     print(f"{r['decision']}: {r['reason']}")
+    return 0
+
+def rollback(client, name: str, reason: str = '') -> tuple[str, str]:
+    "Move `champion` back to the previous champion (compare-and-set, recorded); (from version, to version) or UserError."
+    for _ in range(3):
+        cur = champion_version(client, name)
+        if cur is None: raise UserError(f"rollback: {name} has no champion to roll back")
+        prev = previous_champion(champion_history(client, name))
+        if prev is None: raise UserError(f"rollback: {name}'s champion (version {cur.version}) has no previous champion in nbs.champion_history")
+        if move_champion(client, name, prev, cur, reason or f'rollback from version {cur.version}', by='rollback'):
+            client.set_model_version_tag(name, cur.version, 'nbs.rolled_back', datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
+            return str(cur.version), prev
+    raise UserError(f"rollback: {name}'s champion kept moving; run nbs rollback again")
+
+def rollback_main(argv: list[str] | None = None) -> int:
+    "`nbs rollback [--reason TEXT]`: `champion` back to the previous champion version (blue-green: the old one is kept)."
+    ap = argparse.ArgumentParser(prog='nbs rollback', description="Move the registered model's 'champion' alias back to the "
+                                 'previous champion (nbs.champion_history); a running service picks it up with `nbs serve import`.')
+    ap.add_argument('--reason', default='', help='why (recorded in the history)')
+    args = ap.parse_args(argv)
+    root = project_root(); p = load_params(root/'params.yaml'); check_stage('registry', p.get('registry'))
+    from nbs_lib.tracking import setup_tracking
+    setup_tracking(p, root)
+    name = p['registry']['model_name']
+    frm, to = rollback(_client(), name, args.reason)
+    print(f"rolled back: {name} champion version {frm} -> {to} (recorded in nbs.champion_history); "
+          f"a running service switches when you run `nbs serve import` (README, \"Blue-green\")")
     return 0

@@ -1,0 +1,73 @@
+"""Deployment patterns on the registry (issue 15): the promotion gate's move of `champion` is a compare-and-set under
+a lock held in the registry itself, so two `nbs register` started at once never both promote over the same old
+champion; every move is recorded, and `nbs rollback` walks one back. Real sqlite MLflow registry, real processes."""
+from __future__ import annotations
+import json, subprocess
+import pytest
+from mlflow.tracking import MlflowClient
+from conftest import BIN, PROJECT_FILES, copy_project, env_for, nbs, set_params
+
+NAME = 'flights-delay'
+
+
+def _run_id(root):
+    return json.loads((root/'build/train/run.json').read_text())['run_id']
+
+
+@pytest.fixture(scope='module')
+def registry(sample_project, tmp_path_factory):
+    """Three runs of the sample: a deliberately weak one (champion first), and two good ones that both beat it."""
+    root = copy_project(tmp_path_factory.mktemp('deploy')/'p', src=sample_project, files=PROJECT_FILES + ['build', 'mlflow.db'])
+    set_params(root, **{'gate.bootstrap.n_resamples': 300, 'gate.min_metric': 0.5})
+    good = _run_id(root)
+    set_params(root, **{'train.hyperparams.hist_gradient_boosting.max_iter': 2, 'train.hyperparams.hist_gradient_boosting.max_leaf_nodes': 2})
+    nbs(root, 'build'); weak = _run_id(root)
+    set_params(root, **{'train.hyperparams.hist_gradient_boosting.max_iter': 200, 'train.hyperparams.hist_gradient_boosting.max_leaf_nodes': 31,
+                        'train.hyperparams.hist_gradient_boosting.learning_rate': 0.05})
+    nbs(root, 'build'); other = _run_id(root)
+    r = nbs(root, 'register', '--run', weak, '--json')
+    assert json.loads(r.stdout[r.stdout.index('{'):r.stdout.rindex('}') + 1])['decision'] == 'promoted'
+    return {'root': root, 'weak': weak, 'good': good, 'other': other, 'client': MlflowClient(f"sqlite:///{root/'mlflow.db'}")}
+
+
+def _report(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index('{\n'):stdout.rindex('\n}') + 2])
+
+
+def test_two_gates_at_once_never_promote_over_the_same_champion(registry):
+    root, c = registry['root'], registry['client']
+    weak_version = c.get_model_version_by_alias(NAME, 'champion').version
+    procs = [subprocess.Popen([str(BIN/'nbs'), 'register', '--run', registry[k], '--json'], cwd=root, env=env_for(root),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in ('good', 'other')]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode in (0, 3) for p in procs), [o[1][-2000:] for o in outs]
+    reports = [_report(o[0]) for o in outs]
+    print([(r['decision'], r['reason']) for r in reports], ['judging again' in o[0] for o in outs])
+    history = json.loads(c.get_registered_model(NAME).tags['nbs.champion_history'])
+    # every move starts from the champion of the move before it: no two promotions over the same old champion
+    assert [e['previous'] for e in history[1:]] == [e['version'] for e in history[:-1]], history
+    promoted = [r for r in reports if r['decision'] == 'promoted']
+    assert promoted, [r['reason'] for r in reports]  # both beat the weak champion: at least one is promoted over it
+    assert sum(r['champion']['version'] == int(weak_version) for r in promoted) == 1, [(r['decision'], r['champion']) for r in reports]
+    if len(promoted) == 1:  # the other was judged (again, if it raced) against the new champion, not the weak one
+        other = next(r for r in reports if r['decision'] != 'promoted')
+        assert other['champion']['version'] == promoted[0]['candidate']['version'], other['reason']
+    assert str(c.get_model_version_by_alias(NAME, 'champion').version) == history[-1]['version']
+    assert [m.name for m in c.search_registered_models()] == [NAME]  # the lock is gone
+
+
+def test_rollback_returns_to_the_previous_champion_and_refuses_when_there_is_none(registry):
+    root, c = registry['root'], registry['client']
+    history = json.loads(c.get_registered_model(NAME).tags['nbs.champion_history'])
+    current, before = history[-1]['version'], history[-2]['version']
+    r = nbs(root, 'rollback', '--reason', 'the test says so')
+    assert f'champion version {current} -> {before}' in r.stdout
+    assert str(c.get_model_version_by_alias(NAME, 'champion').version) == before
+    last = json.loads(c.get_registered_model(NAME).tags['nbs.champion_history'])[-1]
+    assert (last['by'], last['previous'], last['reason']) == ('rollback', current, 'the test says so')
+    assert 'nbs.rolled_back' in c.get_model_version(NAME, current).tags
+    while len(json.loads(c.get_registered_model(NAME).tags['nbs.champion_history'])) and \
+            nbs(root, 'rollback', check=False).returncode == 0: pass
+    r = nbs(root, 'rollback', check=False)
+    assert r.returncode == 2 and r.stderr.strip().count('\n') == 0 and 'has no previous champion' in r.stderr, r.stderr
+    assert str(c.get_model_version_by_alias(NAME, 'champion').version) == history[0]['version']  # back at the first champion
