@@ -299,6 +299,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'nbs_lib.serving.Runtime.__init__': ('serving.html#runtime.__init__', 'nbs_lib/serving.py'),
                                  'nbs_lib.serving.Runtime._score': ('serving.html#runtime._score', 'nbs_lib/serving.py'),
                                  'nbs_lib.serving.Runtime._score_shadow': ('serving.html#runtime._score_shadow', 'nbs_lib/serving.py'),
+                                 'nbs_lib.serving.Runtime._watch': ('serving.html#runtime._watch', 'nbs_lib/serving.py'),
                                  'nbs_lib.serving.Runtime.close': ('serving.html#runtime.close', 'nbs_lib/serving.py'),
                                  'nbs_lib.serving.Runtime.predict': ('serving.html#runtime.predict', 'nbs_lib/serving.py'),
                                  'nbs_lib.serving.Runtime.predict_file': ('serving.html#runtime.predict_file', 'nbs_lib/serving.py'),

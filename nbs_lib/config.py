@@ -224,6 +224,7 @@ class Serve(_Stage):
     max_body_mb: Num = Field(64, ge=0.001)
     max_file_mb: Num = Field(512, ge=1)
     timeouts: Timeouts = Timeouts()
+    reload_s: Num = Field(2.0, ge=0)
 
     @model_validator(mode='after')
     def _batch(self):

@@ -7,7 +7,7 @@ schema, scoring, the prediction log and the defences against hostile clients eac
 
 # %% ../notebooks/lib/10_serving.ipynb #e3785754
 from __future__ import annotations
-import argparse, json, logging, os, re, shutil, subprocess, sys, time, uuid
+import argparse, json, logging, os, re, shutil, subprocess, sys, threading, time, uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,10 +203,28 @@ class Runtime:
         if self.challenger is not None:
             from concurrent.futures import ThreadPoolExecutor
             self._shadow = ThreadPoolExecutor(1, thread_name_prefix='shadow')
+        self._tag, self._stop = cfg.champion.tag, threading.Event()
+        if s['reload_s']: threading.Thread(target=self._watch, args=(s['reload_s'],), name='champion-watch', daemon=True).start()
 
-    def _score(self, X: pd.DataFrame, rids, received) -> np.ndarray:
-        p = self.champion.probability(X)
-        self.log.append(X, p, (p >= self.champion.threshold) if self.binary else None, self.champion.version, rids, received)
+    def _watch(self, every: float) -> None:
+        "Blue-green: every `serve.reload_s`, a champion newly imported into the BentoML store is loaded, checked and swapped in."
+        log = logging.getLogger(__name__)
+        while not self._stop.wait(every):
+            try:
+                stored = _stored(bento_model_name(self.cfg.s['model_name'], 'champion'))
+                if stored is None or stored.tag == self._tag: continue
+                new = _load(stored, self.cfg.s['threshold'], self.cfg.spec)
+                if self.cfg.example:
+                    X = records_frame([self.cfg.example], self.fields)
+                    if not new.check_fast(X): new.probability(X)  # warm, and checked, before it answers anyone
+                old, self.champion, self._tag = self.champion.version, new, stored.tag  # one assignment: no request fails
+                log.warning('champion switched: version %s -> %s (%s)', old, new.version, stored.tag)
+            except Exception:  # a bad import never takes the service down: the current champion keeps answering
+                log.exception('champion reload failed; still serving version %s', self.champion.version)
+
+    def _score(self, m, X: pd.DataFrame, rids, received) -> np.ndarray:
+        p = m.probability(X)
+        self.log.append(X, p, (p >= m.threshold) if self.binary else None, m.version, rids, received)
         if self._shadow is not None: self._shadow.submit(self._score_shadow, X, rids, received)
         return p
 
@@ -222,8 +240,9 @@ class Runtime:
         X = records_frame(records, self.fields)
         rids = [r._request_id or uuid.uuid4().hex for r in records]
         received = [r._received or time.time() for r in records]
-        p = self._score(X, rids, received); th = self.champion.threshold; v = self.champion.version
-        unknown = self.champion.unknown(X)
+        m = self.champion  # one model for the whole call: a champion swapped in meanwhile answers the next one
+        p = self._score(m, X, rids, received); th = m.threshold; v = m.version
+        unknown = m.unknown(X)
         # model_construct: every field is built here with its type, so pydantic's validation of each answer is skipped
         if not self.binary:
             return [self.Prediction.model_construct(prediction=q, model_version=v, request_id=r, unknown_categories=u)
@@ -237,9 +256,10 @@ class Runtime:
         df, kind = _read_upload(Path(path), self.cfg.spec)
         X = check_frame(df, self.cfg.spec, self.cfg.s['max_file_rows'])
         rid = uuid.uuid4().hex; now = time.time()
-        p = self._score(X, [rid] * len(X), [now] * len(X))
-        answer = {'probability': p, 'decision': p >= self.champion.threshold} if self.binary else {'prediction': p}
-        out = df.reset_index(drop=True).assign(**answer, model_version=self.champion.version, request_id=rid)
+        m = self.champion
+        p = self._score(m, X, [rid] * len(X), [now] * len(X))
+        answer = {'probability': p, 'decision': p >= m.threshold} if self.binary else {'prediction': p}
+        out = df.reset_index(drop=True).assign(**answer, model_version=m.version, request_id=rid)
         dst = Path(out_dir)/f'scored.{kind}'
         if kind == 'parquet': out.to_parquet(dst, index=False)
         else: out.to_csv(dst, index=False)
@@ -247,6 +267,7 @@ class Runtime:
 
     def close(self) -> None:
         "Finish shadow work and write the buffered log."
+        self._stop.set()
         if self._shadow is not None: self._shadow.shutdown(wait=True)
         self.log.close()
 

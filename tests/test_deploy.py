@@ -2,10 +2,12 @@
 a lock held in the registry itself, so two `nbs register` started at once never both promote over the same old
 champion; every move is recorded, and `nbs rollback` walks one back. Real sqlite MLflow registry, real processes."""
 from __future__ import annotations
-import json, subprocess
+import json, subprocess, threading, time
+import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 from conftest import BIN, PROJECT_FILES, copy_project, env_for, nbs, set_params
+from servers import serving
 
 NAME = 'flights-delay'
 
@@ -42,7 +44,6 @@ def test_two_gates_at_once_never_promote_over_the_same_champion(registry):
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode in (0, 3) for p in procs), [o[1][-2000:] for o in outs]
     reports = [_report(o[0]) for o in outs]
-    print([(r['decision'], r['reason']) for r in reports], ['judging again' in o[0] for o in outs])
     history = json.loads(c.get_registered_model(NAME).tags['nbs.champion_history'])
     # every move starts from the champion of the move before it: no two promotions over the same old champion
     assert [e['previous'] for e in history[1:]] == [e['version'] for e in history[:-1]], history
@@ -56,18 +57,50 @@ def test_two_gates_at_once_never_promote_over_the_same_champion(registry):
     assert [m.name for m in c.search_registered_models()] == [NAME]  # the lock is gone
 
 
-def test_rollback_returns_to_the_previous_champion_and_refuses_when_there_is_none(registry):
+def test_blue_green_rollback_switches_a_running_service_with_no_failed_request(registry):
+    """Serve the champion, keep a light load on it, roll back and import: the service swaps models between requests."""
     root, c = registry['root'], registry['client']
+    copy_project(root, files=['service.py', 'bentofile.yaml'])
     history = json.loads(c.get_registered_model(NAME).tags['nbs.champion_history'])
     current, before = history[-1]['version'], history[-2]['version']
-    r = nbs(root, 'rollback', '--reason', 'the test says so')
-    assert f'champion version {current} -> {before}' in r.stdout
+    home = str(root/'build/bentoml')
+    nbs(root, 'serve', 'import', BENTOML_HOME=home)
+    with serving(root, env_for(root, BENTOML_HOME=home, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR='false')) as (url, _, _):
+        client = httpx.Client(base_url=url, timeout=30)
+        example = client.get('/docs.json').json()['components']['schemas']['Record']['example']
+        answers, stop = [], threading.Event()
+        def load():  # about 30 requests a second, one at a time
+            while not stop.is_set():
+                r = client.post('/predict', json={'records': [example]})
+                answers.append((r.status_code, r.json()[0]['model_version'] if r.status_code == 200 else r.text))
+                time.sleep(0.03)
+        t = threading.Thread(target=load); t.start()
+        try:
+            time.sleep(1)
+            r = nbs(root, 'rollback', '--reason', 'the test says so')
+            assert f'champion version {current} -> {before}' in r.stdout
+            nbs(root, 'serve', 'import', BENTOML_HOME=home)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (answers and answers[-1][1] == before): time.sleep(0.2)
+            time.sleep(1)
+        finally:
+            stop.set(); t.join()
+    assert answers and all(code == 200 for code, _ in answers), [a for a in answers if a[0] != 200][:5]
+    versions = [v for _, v in answers]
+    switch = versions.index(before)
+    assert set(versions[:switch]) == {current} and set(versions[switch:]) == {before}, versions  # one switch, never back
     assert str(c.get_model_version_by_alias(NAME, 'champion').version) == before
     last = json.loads(c.get_registered_model(NAME).tags['nbs.champion_history'])[-1]
-    assert (last['by'], last['previous'], last['reason']) == ('rollback', current, 'the test says so')
+    assert (last['by'], last['version'], last['previous'], last['reason']) == ('rollback', before, current, 'the test says so')
     assert 'nbs.rolled_back' in c.get_model_version(NAME, current).tags
-    while len(json.loads(c.get_registered_model(NAME).tags['nbs.champion_history'])) and \
-            nbs(root, 'rollback', check=False).returncode == 0: pass
+    assert 'champion switched' in (root/'server.log').read_text()
+
+
+def test_rollback_refuses_in_one_line_when_there_is_no_previous_champion(registry):
+    root, c = registry['root'], registry['client']
+    champion = c.get_model_version_by_alias(NAME, 'champion').version
+    history = json.loads(c.get_registered_model(NAME).tags['nbs.champion_history'])
     r = nbs(root, 'rollback', check=False)
     assert r.returncode == 2 and r.stderr.strip().count('\n') == 0 and 'has no previous champion' in r.stderr, r.stderr
-    assert str(c.get_model_version_by_alias(NAME, 'champion').version) == history[0]['version']  # back at the first champion
+    assert c.get_model_version_by_alias(NAME, 'champion').version == champion
+    assert json.loads(c.get_registered_model(NAME).tags['nbs.champion_history']) == history  # nothing moved or recorded
