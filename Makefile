@@ -109,7 +109,11 @@ new: setup ## a new project from this template on your data: make new DEST=../my
 template-update: setup ## in a generated project: bring in the template's later changes (copier update, conflicts shown inline)
 	$(BIN)/nbs update $(ARGS)
 
-.PHONY: register
+.PHONY: register rollback
+rollback: setup ## blue-green: champion back to the previous champion version, imported so a running `make serve` swaps it in
+	$(BIN)/nbs rollback $(ARGS)
+	$(BIN)/nbs serve import
+
 register: setup ## register the best run of the latest sweep (or build) as challenger; promote it to champion if it passes the gate
 	$(BIN)/nbs register $(ARGS)
 
