@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 # %% auto #0
 __all__ = ['Num', 'RULE_PATTERN', 'STAGES', 'METRICS', 'GATE_METRICS', 'UserError', 'ParamsError', 'DataError', 'project_root',
            'load_params', 'get', 'Data', 'Column', 'Target', 'Derive', 'Table', 'Split', 'Train', 'Evaluate',
-           'Tracking', 'Registry', 'Bootstrap', 'Gate', 'Sweep', 'Batching', 'Timeouts', 'Serve', 'Monitor',
+           'Tracking', 'Registry', 'Bootstrap', 'Gate', 'Sweep', 'Batching', 'Timeouts', 'Canary', 'Serve', 'Monitor',
            'greater_is_better', 'gate_direction', 'sweep_direction', 'stage', 'check_stage', 'check_params',
            'tracking_uri']
 
@@ -206,6 +206,11 @@ class Timeouts(_Stage):
     keep_alive_s: Num = Field(5, ge=0.1, le=3600)
     body_s: Num = Field(30, ge=0.1, le=3600)
 
+class Canary(_Stage):
+    "The share of requests the `challenger` answers (0: none), split by a seeded hash of each request id."
+    fraction: Num = Field(0.0, ge=0, le=1)
+    seed: StrictInt = 0
+
 class Serve(_Stage):
     bentoml_home: StrictStr
     host: StrictStr
@@ -225,6 +230,7 @@ class Serve(_Stage):
     max_file_mb: Num = Field(512, ge=1)
     timeouts: Timeouts = Timeouts()
     reload_s: Num = Field(2.0, ge=0)
+    canary: Canary = Canary()
 
     @model_validator(mode='after')
     def _batch(self):

@@ -461,9 +461,13 @@ def run_monitor(upstream: dict, product: dict, monitor: dict, table: dict, track
     reference, current = pd.read_parquet(ref_path), pd.read_parquet(cur_path)
     batches = batches_by(current, by)
     log_df, log_info = read_prediction_log(_path(log or cfg['prediction_log'], root), spec)
-    if log_df is not None: batches['serving'] = log_df
+    if log_df is not None:
+        batches['serving'] = log_df
+        versions = sorted(log_df['model_version'].dropna().astype(str).unique()) if 'model_version' in log_df.columns else []
+        if len(versions) > 1:  # a canary (or a switch of champion): each version's answers side by side
+            for v in versions: batches[f'serving v{v}'] = log_df[log_df['model_version'].astype(str) == v]
     result = compare(reference, batches, model, spec, cfg)
-    for k, b in result['batches'].items(): b['source'] = 'prediction log' if k == 'serving' else 'later data'
+    for k, b in result['batches'].items(): b['source'] = 'prediction log' if k.startswith('serving') else 'later data'
     result = {'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'), **result,
               'model_uri': run['model_uri'], 'build_run_id': run.get('run_id'),
               'sources': {'reference': str(ref_path), 'current': str(cur_path), 'prediction_log': log_info},

@@ -7,14 +7,15 @@ schema, scoring, the prediction log and the defences against hostile clients eac
 
 # %% ../notebooks/lib/10_serving.ipynb #e3785754
 from __future__ import annotations
-import argparse, json, logging, os, re, shutil, subprocess, sys, threading, time, uuid
+import argparse, contextlib, hashlib, json, logging, os, re, shutil, subprocess, sys, threading, time, uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 import numpy as np
 import pandas as pd
+import yaml
 from pydantic import BaseModel, Field, create_model
-from .config import DataError, UserError, load_params, project_root, stage
+from .config import DataError, ParamsError, UserError, load_params, project_root, stage
 from .data import DataSpec
 from .guard import check_upload
 from .predlog import PredictionLog
@@ -22,9 +23,9 @@ from .schema import check_frame, fields, records_frame
 from .scoring import Scorer, fitted_categories
 
 # %% auto #0
-__all__ = ['ALIASES', 'KEY_METRICS', 'ENGINES', 'serve_params', 'bentofile', 'bento_model_name', 'bentoml_home', 'resolve_alias',
-           'import_alias', 'ServiceConfig', 'service_config', 'prediction_model', 'Runtime', 'docs_info',
-           'container_engine', 'build_bento', 'dockerfile', 'main']
+__all__ = ['ALIASES', 'KEY_METRICS', 'ENGINES', 'serve_params', 'aliases', 'bentofile', 'bento_model_name', 'bentoml_home',
+           'resolve_alias', 'import_alias', 'ServiceConfig', 'service_config', 'prediction_model', 'canary_mask',
+           'Runtime', 'docs_info', 'container_engine', 'build_bento', 'dockerfile', 'main', 'set_canary', 'canary_main']
 
 # %% ../notebooks/lib/10_serving.ipynb #714ec471
 def serve_params(p: dict) -> dict:
@@ -35,7 +36,12 @@ def serve_params(p: dict) -> dict:
     out['task'] = stage(p, 'table')['target']['task']
     out['threshold'] = stage(p, 'evaluate')['threshold'] if s['threshold'] is None else s['threshold']
     out['model_name'] = stage(p, 'registry')['model_name']
+    c = out.pop('canary'); out.update(canary_fraction=c['fraction'], canary_seed=c['seed'])
     return out
+
+def aliases(s: dict) -> tuple:
+    "The registry aliases a service with serve params `s` needs: the challenger too in shadow or canary mode."
+    return ALIASES[:2 if s['shadow'] or s['canary_fraction'] > 0 else 1]
 
 # %% ../notebooks/lib/10_serving.ipynb #7639ff54
 ALIASES = ('champion', 'challenger')
@@ -152,9 +158,9 @@ def service_config(root: str | Path) -> ServiceConfig:
         raise UserError(f"no champion in the BentoML store {home}: run `make serve` or `make bento`, which import it from MLflow "
                         f"(with no champion registered, run the gate first: `make register`){hint}")
     chall = None
-    if s['shadow']:
+    if len(aliases(s)) > 1:  # shadow or canary mode (a canary turned on later by `nbs canary` is loaded then)
         chall = _stored(bento_model_name(s['model_name'], 'challenger'))
-        if chall is None: raise UserError(f"serve.shadow is true but no challenger is in the BentoML store {home}: run `make bento` or `make serve`")
+        if chall is None: raise UserError(f"serve.{'shadow' if s['shadow'] else 'canary.fraction'} needs a challenger, and none is in the BentoML store {home}: run `make bento` or `make serve`")
     return ServiceConfig(root, s, DataSpec.from_params(p), champ, chall)
 
 def prediction_model(spec: DataSpec) -> type[BaseModel]:
@@ -184,6 +190,12 @@ def _read_upload(path: Path, spec: DataSpec) -> tuple[pd.DataFrame, str]:
         raise DataError(f"file: not a parquet or CSV file with the input columns (it has no column of {spec.inputs})")
     return df, kind
 
+def canary_mask(request_ids, fraction: float, seed: int) -> np.ndarray:
+    "Which requests the canary (the challenger) answers: a seeded hash of each request id below `fraction`; the same id, the same side."
+    if fraction <= 0: return np.zeros(len(request_ids), bool)
+    u = [int.from_bytes(hashlib.blake2b(f'{seed}:{r}'.encode(), digest_size=8).digest(), 'big') / 2**64 for r in request_ids]
+    return np.asarray(u) < fraction
+
 class Runtime:
     "The service's state: the champion, the shadow challenger, the prediction log; predictions for records and files."
     def __init__(self, cfg: ServiceConfig):
@@ -200,33 +212,64 @@ class Runtime:
             for m in (self.champion, self.challenger):
                 if m is not None and not m.check_fast(X): m.probability(X)  # check_fast scored it both ways already
         self._shadow = None
-        if self.challenger is not None:
+        if self.challenger is not None and s['shadow']:
             from concurrent.futures import ThreadPoolExecutor
             self._shadow = ThreadPoolExecutor(1, thread_name_prefix='shadow')
-        self._tag, self._stop = cfg.champion.tag, threading.Event()
-        if s['reload_s']: threading.Thread(target=self._watch, args=(s['reload_s'],), name='champion-watch', daemon=True).start()
+        self.canary = (s['canary_fraction'], s['canary_seed'])  # (share of requests the challenger answers, seed)
+        self._tags = {'champion': cfg.champion.tag, 'challenger': cfg.challenger.tag if self.challenger is not None else None}
+        self._params, self._params_seen, self._stop = cfg.root/'params.yaml', None, threading.Event()
+        with contextlib.suppress(OSError): self._params_seen = self._params.stat().st_mtime_ns
+        if s['reload_s']: threading.Thread(target=self._watch, args=(s['reload_s'],), name='model-watch', daemon=True).start()
+
+    def _refresh(self, alias: str) -> None:
+        "Load the `alias` model newly imported into the BentoML store, warm and check it, then swap it in (one assignment)."
+        stored = _stored(bento_model_name(self.cfg.s['model_name'], alias))
+        if stored is None or stored.tag == self._tags[alias]: return
+        new = _load(stored, self.cfg.s['threshold'], self.cfg.spec)
+        if self.cfg.example:
+            X = records_frame([self.cfg.example], self.fields)
+            if not new.check_fast(X): new.probability(X)  # warm, and checked, before it answers anyone
+        old = getattr(self, alias)
+        setattr(self, alias, new); self._tags[alias] = stored.tag  # a request in flight keeps the model it took
+        logging.getLogger(__name__).warning('%s switched: version %s -> %s (%s)', alias, old and old.version, new.version, stored.tag)
+
+    def _read_canary(self) -> None:
+        "serve.canary of params.yaml again when the file changed (`nbs canary` edits it): no restart."
+        seen = self._params.stat().st_mtime_ns
+        if seen == self._params_seen: return
+        self._params_seen = seen
+        s = serve_params(load_params(self._params)); new = (s['canary_fraction'], s['canary_seed'])
+        if new != self.canary: self.canary = new; logging.getLogger(__name__).warning('canary: %g of requests to the challenger (seed %d)', *new)
 
     def _watch(self, every: float) -> None:
-        "Blue-green: every `serve.reload_s`, a champion newly imported into the BentoML store is loaded, checked and swapped in."
+        "Blue-green and canary: every `serve.reload_s`, newly imported models are swapped in and serve.canary is re-read."
         log = logging.getLogger(__name__)
         while not self._stop.wait(every):
-            try:
-                stored = _stored(bento_model_name(self.cfg.s['model_name'], 'champion'))
-                if stored is None or stored.tag == self._tag: continue
-                new = _load(stored, self.cfg.s['threshold'], self.cfg.spec)
-                if self.cfg.example:
-                    X = records_frame([self.cfg.example], self.fields)
-                    if not new.check_fast(X): new.probability(X)  # warm, and checked, before it answers anyone
-                old, self.champion, self._tag = self.champion.version, new, stored.tag  # one assignment: no request fails
-                log.warning('champion switched: version %s -> %s (%s)', old, new.version, stored.tag)
-            except Exception:  # a bad import never takes the service down: the current champion keeps answering
-                log.exception('champion reload failed; still serving version %s', self.champion.version)
+            for what, step in (('params.yaml serve.canary', self._read_canary), ('champion', lambda: self._refresh('champion')),
+                               ('challenger', lambda: (self.cfg.s['shadow'] or self.canary[0] > 0) and self._refresh('challenger'))):
+                try: step()
+                except Exception:  # a bad import or edit never takes the service down: what serves now keeps serving
+                    log.exception('%s: reload failed; serving on unchanged', what)
 
-    def _score(self, m, X: pd.DataFrame, rids, received) -> np.ndarray:
+    def _score(self, m, X: pd.DataFrame, rids, received, shadow: bool = True) -> np.ndarray:
         p = m.probability(X)
         self.log.append(X, p, (p >= m.threshold) if self.binary else None, m.version, rids, received)
-        if self._shadow is not None: self._shadow.submit(self._score_shadow, X, rids, received)
+        if shadow and self._shadow is not None: self._shadow.submit(self._score_shadow, X, rids, received)
         return p
+
+    def _routed(self, X: pd.DataFrame, rids, received) -> tuple[np.ndarray, list, list]:
+        "(scores, version, unknown categories) of each row: the canary's rows by the challenger, the others by the champion."
+        m, ch = self.champion, self.challenger  # one model of each for the whole call
+        frac, seed = self.canary
+        mask = canary_mask(rids, frac, seed) if ch is not None and frac > 0 else np.zeros(len(X), bool)
+        p, versions, unknown = np.empty(len(X)), [None] * len(X), [None] * len(X)
+        for model, sel in ((m, ~mask), (ch, mask)):
+            idx = np.flatnonzero(sel)
+            if not len(idx): continue
+            Xi = X if len(idx) == len(X) else X.iloc[idx]
+            p[idx] = self._score(model, Xi, [rids[i] for i in idx], [received[i] for i in idx], shadow=model is m)
+            for i, u in zip(idx, model.unknown(Xi)): versions[i], unknown[i] = model.version, u
+        return p, versions, unknown
 
     def _score_shadow(self, X, rids, received) -> None:
         try:
@@ -240,15 +283,13 @@ class Runtime:
         X = records_frame(records, self.fields)
         rids = [r._request_id or uuid.uuid4().hex for r in records]
         received = [r._received or time.time() for r in records]
-        m = self.champion  # one model for the whole call: a champion swapped in meanwhile answers the next one
-        p = self._score(m, X, rids, received); th = m.threshold; v = m.version
-        unknown = m.unknown(X)
+        p, versions, unknown = self._routed(X, rids, received); th = self.champion.threshold  # one threshold (serve params)
         # model_construct: every field is built here with its type, so pydantic's validation of each answer is skipped
         if not self.binary:
             return [self.Prediction.model_construct(prediction=q, model_version=v, request_id=r, unknown_categories=u)
-                    for q, r, u in zip(p.tolist(), rids, unknown)]
+                    for q, v, r, u in zip(p.tolist(), versions, rids, unknown)]
         return [self.Prediction.model_construct(probability=q, decision=q >= th, model_version=v, request_id=r, unknown_categories=u)
-                for q, r, u in zip(p.tolist(), rids, unknown)]
+                for q, v, r, u in zip(p.tolist(), versions, rids, unknown)]
 
     def predict_file(self, path: Path, out_dir: str | Path) -> Path:
         "Score a parquet or CSV file; the scored rows (its columns + probability and decision, or prediction; model_version) in the same format."
@@ -256,10 +297,9 @@ class Runtime:
         df, kind = _read_upload(Path(path), self.cfg.spec)
         X = check_frame(df, self.cfg.spec, self.cfg.s['max_file_rows'])
         rid = uuid.uuid4().hex; now = time.time()
-        m = self.champion
-        p = self._score(m, X, [rid] * len(X), [now] * len(X))
-        answer = {'probability': p, 'decision': p >= m.threshold} if self.binary else {'prediction': p}
-        out = df.reset_index(drop=True).assign(**answer, model_version=m.version, request_id=rid)
+        p, versions, _ = self._routed(X, [rid] * len(X), [now] * len(X))  # one request: one model answers all its rows
+        answer = {'probability': p, 'decision': p >= self.champion.threshold} if self.binary else {'prediction': p}
+        out = df.reset_index(drop=True).assign(**answer, model_version=versions, request_id=rid)
         dst = Path(out_dir)/f'scored.{kind}'
         if kind == 'parquet': out.to_parquet(dst, index=False)
         else: out.to_csv(dst, index=False)
@@ -297,7 +337,7 @@ def container_engine() -> str | None:
 def build_bento(root: Path | None = None):
     "Import the champion (and challenger in shadow mode) and build the Bento from bentofile.yaml; returns the Bento."
     root = Path(root or project_root()); p = load_params(root/'params.yaml'); s = serve_params(p)
-    for alias in ALIASES[:2 if s['shadow'] else 1]: import_alias(p, alias, root)
+    for alias in aliases(s): import_alias(p, alias, root)
     import bentoml
     cwd = os.getcwd(); os.chdir(root)
     try: return bentoml.bentos.build_bentofile(str(root/'bentofile.yaml'), build_ctx=str(root))
@@ -331,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', 'false')
     root = project_root(); p = load_params(root/'params.yaml'); s = serve_params(p); home = bentoml_home(s, root)
     if a.cmd == 'import':
-        for alias in ALIASES[:2 if s['shadow'] else 1]:
+        for alias in aliases(s):
             m = import_alias(p, alias, root)
             _say(f"{alias}: {m.tag} (MLflow {m.info.labels['registered_model']} v{m.info.labels['version']}, run {m.info.labels['run_id']}) in {home}")
         return 0
@@ -347,9 +387,40 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [str(Path(sys.executable).parent/'bentoml'), 'containerize', str(bento.tag), '--backend', engine]
         if a.tag: cmd += ['--image-tag', a.tag]
         return subprocess.run(cmd, cwd=root).returncode
-    for alias in ALIASES[:2 if s['shadow'] else 1]: import_alias(p, alias, root)
+    for alias in aliases(s): import_alias(p, alias, root)
     cmd = [str(Path(sys.executable).parent/'bentoml'), 'serve', bentofile(root)['service'], '--host', a.host or s['host'],
            '--port', str(a.port or s['port'])]
     _say(f"serving the champion on http://{a.host or s['host']}:{a.port or s['port']} (BentoML store {home}); Ctrl-C stops it")
     sys.stdout.flush(); os.chdir(root)
     os.execv(cmd[0], cmd)
+
+# %% ../notebooks/lib/10_serving.ipynb #srv-canary
+def set_canary(text: str, fraction: float, seed: int | None = None) -> str:
+    "params.yaml's text with serve.canary.fraction (and seed) set, its comments kept."
+    block = re.search(r'^  canary:[^\n]*\n((?:    [^\n]*\n)+)', text, re.M)
+    if not block: raise ParamsError("params.yaml: no serve.canary block to set (add `canary:` with `fraction: 0.0` and `seed: 0` under serve:)")
+    def put(body, key, v):
+        return re.sub(rf'^(    {key}:)[ \t]*[^#\n]*?([ \t]+#[^\n]*)?$', lambda m: f"{m.group(1)} {v}{m.group(2) or ''}", body, count=1, flags=re.M)
+    body = put(block.group(1), 'fraction', fraction)
+    if seed is not None: body = put(body, 'seed', seed)
+    return text[:block.start(1)] + body + text[block.end(1):]
+
+def canary_main(argv: list[str] | None = None) -> int:
+    "`nbs canary --fraction F [--seed S]`: the challenger answers that share of requests, on a running service too."
+    ap = argparse.ArgumentParser(prog='nbs canary', description="Let the registry's 'challenger' answer a share of /predict and "
+                                 '/predict_file requests (serve.canary in params.yaml); a running service applies it within serve.reload_s.')
+    ap.add_argument('--fraction', type=float, required=True, help='share of requests for the challenger, 0 to 1 (0 ends the canary)')
+    ap.add_argument('--seed', type=int, help='seed of the split (default: serve.canary.seed)')
+    a = ap.parse_args(argv)
+    if not 0 <= a.fraction <= 1: raise ParamsError(f"--fraction: expected a number from 0 to 1, got {a.fraction}")
+    root = project_root(); path = root/'params.yaml'; p = load_params(path); s = serve_params(p); bentoml_home(s, root)
+    os.environ.setdefault('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', 'false')
+    if a.fraction > 0:
+        m = import_alias(p, 'challenger', root)
+        _say(f"challenger: {m.tag} (MLflow {m.info.labels['registered_model']} v{m.info.labels['version']}) in the BentoML store")
+    text = set_canary(path.read_text(), a.fraction, a.seed)
+    serve_params(yaml.safe_load(text))  # still a good serve: stage, or nothing is written
+    tmp = path.with_name('.params.yaml.tmp'); tmp.write_text(text); tmp.replace(path)
+    _say(f"serve.canary.fraction: {a.fraction} in params.yaml; a running service applies it within serve.reload_s ({s['reload_s']}s). "
+         "Each answer and prediction-log row names the model version that scored it; `nbs monitor` compares them.")
+    return 0

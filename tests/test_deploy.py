@@ -4,10 +4,11 @@ champion; every move is recorded, and `nbs rollback` walks one back. Real sqlite
 from __future__ import annotations
 import json, subprocess, threading, time
 import httpx
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from conftest import BIN, PROJECT_FILES, copy_project, env_for, nbs, set_params
-from servers import serving
+from servers import json_records, serving
 
 NAME = 'flights-delay'
 
@@ -104,3 +105,40 @@ def test_rollback_refuses_in_one_line_when_there_is_no_previous_champion(registr
     assert r.returncode == 2 and r.stderr.strip().count('\n') == 0 and 'has no previous champion' in r.stderr, r.stderr
     assert c.get_model_version_by_alias(NAME, 'champion').version == champion
     assert json.loads(c.get_registered_model(NAME).tags['nbs.champion_history']) == history  # nothing moved or recorded
+
+
+def test_a_canary_answers_its_share_on_a_running_service_and_the_monitor_compares_both(registry):
+    """`nbs canary` on a running service: the challenger answers about that share, each answer names its version; the
+    monitor then reports each version's predictions side by side; `--fraction 0` ends it. No restart."""
+    root, c = registry['root'], registry['client']
+    champ, chall = (str(c.get_model_version_by_alias(NAME, a).version) for a in ('champion', 'challenger'))
+    assert champ != chall
+    set_params(root, **{'serve.log_flush_seconds': 0.2, 'monitor.min_rows': 50})
+    copy_project(root, files=['service.py', 'bentofile.yaml'])
+    home = str(root/'build/bentoml')
+    nbs(root, 'serve', 'import', BENTOML_HOME=home)
+    with serving(root, env_for(root, BENTOML_HOME=home, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR='false')) as (url, _, _):
+        client = httpx.Client(base_url=url, timeout=30)
+        rows = json_records(pd.read_parquet(root/'build/features/test.parquet').drop(columns=['late']).head(400))
+        sent = iter(range(10**6))
+        def ask(n):  # one record a request, the test rows in turn
+            out = [client.post('/predict', json={'records': [rows[next(sent) % len(rows)]]}) for _ in range(n)]
+            assert all(r.status_code == 200 for r in out), [r.text for r in out if r.status_code != 200][:3]
+            return [r.json()[0]['model_version'] for r in out]
+        assert set(ask(20)) == {champ}
+        r = nbs(root, 'canary', '--fraction', '0.5', BENTOML_HOME=home)
+        assert 'serve.canary.fraction: 0.5' in r.stdout and 'fraction: 0.5' in (root/'params.yaml').read_text()
+        deadline = time.monotonic() + 60
+        while chall not in ask(10) and time.monotonic() < deadline: time.sleep(0.3)
+        versions = ask(300)
+        assert set(versions) == {champ, chall} and 0.38 < versions.count(chall) / 300 < 0.62, versions.count(chall)
+        nbs(root, 'canary', '--fraction', '0', BENTOML_HOME=home)
+        deadline = time.monotonic() + 60
+        while chall in ask(20) and time.monotonic() < deadline: time.sleep(0.3)
+        assert set(ask(40)) == {champ}
+    nbs(root, 'monitor', '--no-mlflow')
+    batches = json.loads((root/'build/monitor/drift.json').read_text())['batches']
+    for v in (champ, chall):
+        b = batches[f'serving v{v}']
+        assert b['source'] == 'prediction log' and b['rows'] >= 50 and b['prediction']['psi'] >= 0, b.get('message')
+    assert batches[f'serving v{champ}']['prediction']['mean'] != batches[f'serving v{chall}']['prediction']['mean']
