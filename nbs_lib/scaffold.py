@@ -330,7 +330,7 @@ def _copier(fn, **kw) -> int:
 def main(argv: list[str] | None = None) -> int:
     "`nbs new DEST [--data FILE] [-d question=answer ...] [--defaults]`: a new project from this template."
     ap = argparse.ArgumentParser(prog='nbs new', description='Generate a new project from this template with copier, on your data file.')
-    ap.add_argument('dest', help='the new project folder (must not exist, or be empty)')
+    ap.add_argument('folder', metavar='DEST', help='the new project folder (must not exist, or be empty)')
     ap.add_argument('--data', help='the data file (CSV or parquet): the answer to data_file')
     ap.add_argument('-d', '--answer', action='append', default=[], metavar='QUESTION=ANSWER', help='answer a question (repeatable)')
     ap.add_argument('--defaults', action='store_true', help='take the proposal for every question not answered (no prompts)')
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--template', help="the template: a path or git URL (default: the repository of this nbs_lib)")
     args = ap.parse_args(argv)
     import copier
-    dst = Path(args.dest)
+    dst = Path(args.folder)
     if dst.exists() and any(dst.iterdir()): raise AnswerError(f"dest: {dst} exists and is not empty (expected a new folder)")
     data = _answers(args.answer)
     if args.data: data['data_file'] = str(Path(args.data).expanduser().resolve())

@@ -158,6 +158,10 @@ WORKFLOW = ['config', 'data', 'models', 'metrics', 'tracking', 'tasks', 'sweep',
             'guard', 'serving', 'monitor', 'cli', 'scaffold']
 
 
+# names a module may hold for a reason of its own: scaffold proposes a split column from common time-column names
+GENERIC = {'scaffold': {'year', 'month'}}
+
+
 def test_workflow_modules_name_no_column_of_the_example():
     """No string constant of a workflow module is a column of the example's spec, its raw files or its target."""
     from nbs_lib.features import FLIGHTS_SCHEMA, WEATHER_SCHEMA
@@ -168,7 +172,7 @@ def test_workflow_modules_name_no_column_of_the_example():
     for mod in WORKFLOW:
         tree = ast.parse((ROOT/'nbs_lib'/f'{mod}.py').read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names - GENERIC.get(mod, set()):
                 hits.append(f'{mod}.py:{node.lineno}: {node.value!r}')
             if isinstance(node, (ast.ImportFrom,)) and node.module and node.module.endswith('features'):
                 hits.append(f'{mod}.py:{node.lineno}: imports the example module nbs_lib.features')
