@@ -109,7 +109,11 @@ new: setup ## a new project from this template on your data: make new DEST=../my
 template-update: setup ## in a generated project: bring in the template's later changes (copier update, conflicts shown inline)
 	$(BIN)/nbs update $(ARGS)
 
-.PHONY: register rollback
+.PHONY: register rollback canary
+canary: setup ## canary: the challenger answers FRACTION of the requests, on a running service too: make canary FRACTION=0.05 (0 ends it)
+	@test -n "$(FRACTION)" || { echo "error: give the share of requests: make canary FRACTION=0.05 (0 ends the canary)" >&2; exit 2; }
+	$(BIN)/nbs canary --fraction $(FRACTION) $(ARGS)
+
 rollback: setup ## blue-green: champion back to the previous champion version, imported so a running `make serve` swaps it in
 	$(BIN)/nbs rollback $(ARGS)
 	$(BIN)/nbs serve import
