@@ -85,7 +85,7 @@ def resolve_alias(p: dict, alias: str, root: Path | None = None):
     setup_tracking(p, root)
     try: return MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException:
-        gate = 'run the gate first (`make register`)' if alias == 'champion' else "set the alias first (e.g. `make register`) or switch serve.shadow off"
+        gate = 'run the gate first (`make register`)' if alias == 'champion' else "set the alias first (e.g. `make register`) or turn serve.shadow and serve.canary off"
         raise UserError(f"no {alias}: registered model '{name}' has no version with alias '{alias}' in {tracking_uri(p, root)}: {gate}") from None
 
 def _same(m, mv, name: str) -> bool:
