@@ -250,7 +250,8 @@ def project_params(template_text: str, a: dict) -> str:
         elif key == 'evaluate': block = _set(block, 'threshold', 0.5)
         elif key == 'sweep': block = _set(block, 'metric', 'test_rmse' if reg else 'test_roc_auc')
         elif key == 'monitor':
-            block = _set(_set(block, 'batch_by', None), 'min_rows', int(min(500, max(30, n_test // 4))))
+            per_batch = n_test / (2 * len(a['test_values'])) if a['split'] == 'time' else n_test / 2  # half an average test period
+            block = _set(_set(block, 'batch_by', None), 'min_rows', int(min(500, max(30, per_batch))))
         out.append(block)
     text = ''.join(out)
     check_params(yaml.safe_load(text))
@@ -282,6 +283,8 @@ def project_file(root: Path, rel: str, a: dict) -> str:
     text = (root/rel).read_text()
     if rel == 'params.yaml': return project_params(text, a)
     if rel == 'pipeline.yaml': return project_pipeline(text, yaml.safe_load((root/'params.yaml').read_text())['data']['files'], a)
+    if rel == 'bentofile.yaml':  # the Bento's description (the API page's title text) says what this project's model does
+        text = re.sub(r'^description: .*$', lambda m: f'description: "{a["task"]} model of {a["target"]}: the registered MLflow champion of this project"', text, count=1, flags=re.M)
     if rel == 'pyproject.toml':  # tests build on about 10,000 rows of the data (all of a smaller file)
         text = re.sub(r'^(test_sample_frac = )[0-9.]+', lambda m: f"{m.group(1)}{min(1.0, round(10_000/len(read_data(a['data_file'])), 3))}", text, flags=re.M)
     package = yaml.safe_load((root/'params.yaml').read_text())['data'].get('package')

@@ -230,7 +230,7 @@ class Runtime:
             X = records_frame([self.cfg.example], self.fields)
             if not new.check_fast(X): new.probability(X)  # warm, and checked, before it answers anyone
         old = getattr(self, alias)
-        setattr(self, alias, new); self._tags[alias] = stored.tag  # a request in flight keeps the model it took
+        setattr(self, alias, new); self._tags[alias] = stored.tag  # a request being answered keeps the model it took
         logging.getLogger(__name__).warning('%s switched: version %s -> %s (%s)', alias, old and old.version, new.version, stored.tag)
 
     def _read_canary(self) -> None:

@@ -462,7 +462,7 @@ def _finish_parent(pl: dict, parent: str, table, s: dict, failed: int, status: s
 def _close_killed(exp: str, parent: str) -> None:
     "Mark the runs of a stopped sweep KILLED; if the store refuses, say so (the next `nbs sweep` closes them)."
     from nbs_lib import tracking as trk
-    for what, close in (('its configurations in flight', lambda: close_children(exp, parent, 'KILLED')),
+    for what, close in (('its configurations still running', lambda: close_children(exp, parent, 'KILLED')),
                         (f'the sweep run {parent}', lambda: trk.finish_run(parent, 'KILLED'))):
         try: close()
         except Exception as e:
