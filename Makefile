@@ -85,7 +85,7 @@ export: setup ## export notebooks/lib to nbs_lib (nbdev) and strip notebook outp
 dag: setup ## draw the DAG offline, with each task's status: build/pipeline.html (self-contained) and build/pipeline.svg
 	$(BIN)/nbs dag
 
-# bench/ holds the template's own benchmarks (of the flights example); a project made by `make new` has none
+# bench/ holds the template's own benchmarks (of its worked example); a project made by `make new` has none
 HAVE_BENCH = @test -d bench || { echo "error: no bench/ here: the workflow's benchmarks live in the template repository (make new leaves them out)" >&2; exit 2; }
 
 bench: setup data ## benchmarks of the workflow's own overhead against plain Python (writes bench/results.md)

@@ -129,7 +129,7 @@ _OPS = {'>': operator.gt, '>=': operator.ge, '<': operator.lt, '<=': operator.le
 _RULE = re.compile(RULE_PATTERN)
 
 def parse_rule(rule: str) -> tuple[str, str, float]:
-    "The (column, operator, number) of a binary target rule such as 'arr_delay > 15'."
+    "The (column, operator, number) of a binary target rule such as 'delay > 15'."
     m = _RULE.match(rule or '')
     if not m: raise ParamsError(f"params.yaml: 'table.target.rule' must read '<column> <op> <number>' (op one of {list(_OPS)}), got {rule!r}")
     return m.group(1), m.group(2), float(m.group(3))
