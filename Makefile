@@ -109,6 +109,14 @@ new: setup ## a new project from this template on your data: make new DEST=../my
 template-update: setup ## in a generated project: bring in the template's later changes (copier update, conflicts shown inline)
 	$(BIN)/nbs update $(ARGS)
 
+.PHONY: onnx bench-onnx
+onnx: setup ## the champion as ONNX: converted, checked against sklearn on the test set (1e-6), logged to MLflow (ARGS="--version 3")
+	$(BIN)/nbs onnx $(ARGS)
+
+bench-onnx: pipeline ## benchmark: sklearn vs the service's compiled path vs onnxruntime, 1 and 20,000 rows, size and load time (bench/results-onnx.md)
+	$(HAVE_BENCH)
+	$(BIN)/python bench/bench_onnx.py
+
 .PHONY: register rollback canary
 canary: setup ## canary: the challenger answers FRACTION of the requests, on a running service too: make canary FRACTION=0.05 (0 ends it)
 	@test -n "$(FRACTION)" || { echo "error: give the share of requests: make canary FRACTION=0.05 (0 ends the canary)" >&2; exit 2; }

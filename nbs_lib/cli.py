@@ -242,6 +242,7 @@ def write_dag(root: Path | None = None) -> list[Path]:
 SUBCOMMANDS = {'sweep': ('nbs_lib.sweep', 'run a parameter grid of the train+evaluate notebooks in parallel'),
                'register': ('nbs_lib.gate', 'register the best run and promote it to champion if it beats the current one'),
                'rollback': ('nbs_lib.gate:rollback_main', 'move champion back to the previous champion version'),
+               'onnx': ('nbs_lib.onnx_model', 'convert a registered version to ONNX, check it against sklearn, log it to MLflow'),
                'canary': ('nbs_lib.serving:canary_main', 'let the challenger answer a share of the requests, on a running service too'),
                'reproduce': ('nbs_lib.versioning', 're-run a recorded run from its commit and data and compare metrics'),
                'monitor': ('nbs_lib.monitor', 'compare current data and predictions with the training data: drift report'),

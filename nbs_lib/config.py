@@ -231,6 +231,7 @@ class Serve(_Stage):
     timeouts: Timeouts = Timeouts()
     reload_s: Num = Field(2.0, ge=0)
     canary: Canary = Canary()
+    runtime: Literal['auto', 'sklearn', 'onnx'] = 'auto'
 
     @model_validator(mode='after')
     def _batch(self):

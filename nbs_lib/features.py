@@ -12,7 +12,8 @@ import pandas as pd
 from .data import read_table, validate_schema
 
 # %% auto #0
-__all__ = ['FLIGHTS_SCHEMA', 'WEATHER_SCHEMA', 'load_raw', 'join_weather', 'join_raw', 'day_of_week', 'time_features']
+__all__ = ['FLIGHTS_SCHEMA', 'WEATHER_SCHEMA', 'load_raw', 'join_weather', 'join_raw', 'day_of_week', 'time_features',
+           'time_features_onnx']
 
 # %% ../notebooks/lib/02_features.ipynb #03c49507
 FLIGHTS_SCHEMA = {'year': 'int', 'month': 'int', 'day': 'int', 'dep_time': 'float', 'sched_dep_time': 'int',
@@ -56,3 +57,29 @@ def time_features(X) -> dict[str, np.ndarray]:
     return {'dep_hour': np.asarray(X['sched_dep_time'], dtype='float64') // 100,
             'arr_hour': np.asarray(X['sched_arr_time'], dtype='float64') // 100,
             'day_of_week': day_of_week(X['year'], X['month'], X['day'])}
+
+# %% ../notebooks/lib/02_features.ipynb #fea-onnx
+def time_features_onnx(g, cols: dict[str, str]) -> dict[str, str]:
+    "time_features as ONNX ops on graph `g` (nbs_lib.onnx_model.Graph), from the input tensors named in `cols`."
+    f = g.const
+    def call(kind, *a, **k): return g.op(kind, *a, **k)
+    def fmod(a, b): return call('Sub', a, call('Mul', f(float(b)), call('Floor', call('Div', a, f(float(b))))))
+    def between(x, lo, hi): return call('And', call('GreaterOrEqual', x, f(float(lo))), call('LessOrEqual', x, f(float(hi))))
+    def whole(x): return call('Equal', x, call('Floor', x))
+    y, m, d = cols['year'], cols['month'], cols['day']
+    ok = call('And', call('And', between(y, 1, 9999), between(m, 1, 12)), between(d, 1, 31))
+    ok = call('And', ok, call('And', whole(y), call('And', whole(m), whole(d))))
+    leap = call('Or', call('And', call('Equal', fmod(y, 4), f(0.0)), call('Not', call('Equal', fmod(y, 100), f(0.0)))), call('Equal', fmod(y, 400), f(0.0)))
+    month_len = call('Gather', f([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]), call('Cast', call('Where', ok, call('Sub', m, f(1.0)), f(0.0)), to=7))
+    month_len = call('Add', month_len, call('Cast', call('And', leap, call('Equal', m, f(2.0))), to=11))
+    ok = call('And', ok, call('LessOrEqual', d, month_len))
+    yy = call('Sub', y, call('Cast', call('LessOrEqual', m, f(2.0)), to=11))  # the year of a March-based calendar
+    era = call('Floor', call('Div', yy, f(400.0))); yoe = call('Sub', yy, call('Mul', era, f(400.0)))
+    doy = call('Add', call('Floor', call('Div', call('Add', call('Mul', fmod(call('Add', m, f(9.0)), 12), f(153.0)), f(2.0)), f(5.0))), call('Sub', d, f(1.0)))
+    doe = call('Add', call('Sub', call('Add', call('Mul', yoe, f(365.0)), call('Floor', call('Div', yoe, f(4.0)))), call('Floor', call('Div', yoe, f(100.0)))), doy)
+    days = call('Sub', call('Add', call('Mul', era, f(146097.0)), doe), f(719468.0))
+    return {'dep_hour': call('Floor', call('Div', cols['sched_dep_time'], f(100.0))),
+            'arr_hour': call('Floor', call('Div', cols['sched_arr_time'], f(100.0))),
+            'day_of_week': call('Where', ok, fmod(call('Add', days, f(3.0)), 7), f(np.nan))}
+
+time_features.onnx = time_features_onnx  # what nbs_lib.onnx_model looks for on a derive function

@@ -68,14 +68,21 @@ def compile_pipeline(model, task: str = 'binary'):
 class Scorer:
     "A loaded model version: its score (probability, or value for regression), decision at `threshold`, unknown categories of each row."
     def __init__(self, model, version: str, threshold: float, categories: dict | None = None, inputs: list[str] | None = None,
-                 task: str = 'binary'):
+                 task: str = 'binary', runtime: str = 'sklearn'):
         names = list(getattr(model, 'feature_names_in_', inputs or []))
         if inputs is not None and names != inputs: raise UserError(f"model version {version} takes columns {names}, the service sends {inputs}")
         self.model, self.version, self.threshold, self.inputs, self.task = model, str(version), float(threshold), names, task
         self.categories = categories if categories is not None else fitted_categories(model)
         self._known = {c: set(v) for c, v in self.categories.items() if v}
         self._index = {c: _strings(sorted(k)) for c, k in self._known.items()}  # unique values: an index lookup needs them
-        self.fast = compile_pipeline(model, task)
+        self.runtime, self.tol, self.fast = 'sklearn', 0.0, None
+        if runtime in ('onnx', 'auto'):  # onnxruntime, checked within 1e-6 (check_fast); auto: sklearn when it cannot convert
+            from nbs_lib.onnx_model import NotConvertible, OnnxScore
+            try: self.fast, self.runtime, self.tol = OnnxScore(model), 'onnx', 1e-6
+            except NotConvertible as e:
+                if runtime == 'onnx': raise UserError(f"serve.runtime onnx: model version {version}: {e}") from None
+                logging.getLogger(__name__).warning('serve.runtime auto: model version %s: %s; scoring with sklearn', version, e)
+        if self.fast is None: self.fast = compile_pipeline(model, task)
 
     def _slow(self, X: pd.DataFrame) -> np.ndarray:
         X = X[self.inputs]
@@ -86,12 +93,16 @@ class Scorer:
         return self.fast(X) if self.fast is not None else self._slow(X)
 
     def check_fast(self, X: pd.DataFrame) -> bool:
-        "Whether the compiled pipeline gives the pipeline's own probabilities on `X`; if not, stop using it (and log why)."
+        "Whether the fast path (compiled, or onnxruntime within 1e-6) gives the pipeline's own scores on `X`; if not, stop using it."
         if self.fast is None: return False
         want, got = self._slow(X), self.fast(X)
-        if not np.array_equal(want, got):
-            logging.getLogger(__name__).warning('model version %s: the compiled pipeline differs by %g; scoring with the pipeline',
-                                                self.version, float(np.nanmax(np.abs(want - got))))
+        if not (np.array_equal(want, got) if self.tol == 0 else bool(np.all(np.abs(want - got) <= self.tol))):
+            logging.getLogger(__name__).warning('model version %s: the %s path differs by %g; scoring with the %s', self.version,
+                                                'onnxruntime' if self.runtime == 'onnx' else 'compiled', float(np.nanmax(np.abs(want - got))),
+                                                'compiled pipeline' if self.runtime == 'onnx' else 'pipeline')
+            if self.runtime == 'onnx':
+                self.runtime, self.tol, self.fast = 'sklearn', 0.0, compile_pipeline(self.model, self.task)
+                return self.check_fast(X)
             self.fast = None
         return self.fast is not None
 

@@ -174,11 +174,11 @@ def prediction_model(spec: DataSpec) -> type[BaseModel]:
     else: answer = {'prediction': (float, Field(description=f"the predicted {spec.target}"))}
     return create_model('Prediction', __doc__='The answer for one record.', **answer, **common)
 
-def _load(stored, threshold: float, spec: DataSpec) -> Scorer:
+def _load(stored, threshold: float, spec: DataSpec, runtime: str = 'sklearn') -> Scorer:
     from nbs_lib.tracking import load_model
     model = load_model(str(stored.path_of('mlflow_model')))
     return Scorer(model, stored.info.labels.get('version', str(stored.tag.version)), threshold, stored.info.metadata.get('categories'),
-                  spec.inputs, spec.task)
+                  spec.inputs, spec.task, runtime)
 
 def _read_upload(path: Path, spec: DataSpec) -> tuple[pd.DataFrame, str]:
     "The uploaded table and its format ('parquet', known by its magic bytes, else 'csv'); DataError if it is neither."
@@ -202,8 +202,8 @@ class Runtime:
         self.cfg, s, spec = cfg, cfg.s, cfg.spec
         self.fields, self.binary = fields(spec), spec.task == 'binary'
         self.Prediction = cfg.Prediction
-        self.champion = _load(cfg.champion, s['threshold'], spec)
-        self.challenger = _load(cfg.challenger, s['threshold'], spec) if cfg.challenger is not None else None
+        self.champion = _load(cfg.champion, s['threshold'], spec, s['runtime'])
+        self.challenger = _load(cfg.challenger, s['threshold'], spec, s['runtime']) if cfg.challenger is not None else None
         self.log = PredictionLog(cfg.root/s['prediction_log'], spec, s['log_flush_rows'], s['log_flush_seconds'], s['journal'])
         if cfg.example:  # warm up (the first call on a fresh model is slow, and must not count against a request), and
             # check the compiled pipeline against the model's own on the example, an unknown category and missing values
@@ -211,6 +211,10 @@ class Runtime:
             X = records_frame([cfg.example, odd], self.fields)
             for m in (self.champion, self.challenger):
                 if m is not None and not m.check_fast(X): m.probability(X)  # check_fast scored it both ways already
+        for alias in ('champion', 'challenger'):
+            if (m := getattr(self, alias)) is not None:
+                logging.getLogger(__name__).warning('%s version %s scored by %s (serve.runtime %s)', alias, m.version,
+                                                    'onnxruntime' if m.runtime == 'onnx' else 'scikit-learn', s['runtime'])
         self._shadow = None
         if self.challenger is not None and s['shadow']:
             from concurrent.futures import ThreadPoolExecutor
@@ -225,7 +229,7 @@ class Runtime:
         "Load the `alias` model newly imported into the BentoML store, warm and check it, then swap it in (one assignment)."
         stored = _stored(bento_model_name(self.cfg.s['model_name'], alias))
         if stored is None or stored.tag == self._tags[alias]: return
-        new = _load(stored, self.cfg.s['threshold'], self.cfg.spec)
+        new = _load(stored, self.cfg.s['threshold'], self.cfg.spec, self.cfg.s['runtime'])
         if self.cfg.example:
             X = records_frame([self.cfg.example], self.fields)
             if not new.check_fast(X): new.probability(X)  # warm, and checked, before it answers anyone
