@@ -1,6 +1,6 @@
 """Benchmark: scoring the build's model three ways, in one run on the same rows: sklearn's predict_proba (the baseline),
-the service's compiled path (nbs_lib.scoring, serve.runtime sklearn) and onnxruntime (nbs_lib.onnx_model, serve.runtime
-onnx); for 1 row and for 20,000 rows: latency p50/p99 and rows/s; plus model file size and load time, and parity.
+the service's compiled path (nbs_lib.scoring, serve.runtime sklearn), onnxruntime (nbs_lib.onnx_model, serve.runtime
+onnx) and serve.runtime auto (which picks between the two by the number of rows); for 1 row and for 20,000 rows: latency p50/p99 and rows/s; plus model file size and load time, and parity.
 
     make bench-onnx            # = .venv/bin/python bench/bench_onnx.py (after make pipeline: the build's model and test set)
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from nbs_lib.config import load_params
     from nbs_lib.data import DataSpec
     from nbs_lib.onnx_model import OnnxScore, to_onnx
-    from nbs_lib.scoring import Scorer
+    from nbs_lib.scoring import AUTO_ONNX_ROWS, Scorer
     from nbs_lib.tracking import load_model, setup_tracking
     p = load_params(root/'params.yaml'); spec = DataSpec.from_params(p); setup_tracking(p, root)
     uri = json.loads((root/'build/train/run.json').read_text())['model_uri']
@@ -50,7 +50,8 @@ def main(argv=None) -> int:
         sk_bytes = sum(f.stat().st_size for f in Path(local).rglob('*') if f.is_file() and f.suffix in ('.pkl', '.skops', '.pickle'))
     ways = {'sklearn predict_proba (baseline)': lambda X: model.predict_proba(X)[:, 1] if spec.task == 'binary' else model.predict(X),
             'service compiled path (serve.runtime sklearn)': compiled.probability,
-            'onnxruntime (serve.runtime onnx)': ort_score}
+            'onnxruntime (serve.runtime onnx)': ort_score,
+            f'serve.runtime auto (the default: onnxruntime below {AUTO_ONNX_ROWS} rows)': Scorer(model, '0', 0.5, None, spec.inputs, spec.task, runtime='auto').probability}
     want = ways['sklearn predict_proba (baseline)'](test)
     rows, base = [], {}
     for name, f in ways.items():

@@ -311,6 +311,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'nbs_lib.scoring.Scorer._slow': ('scoring.html#scorer._slow', 'nbs_lib/scoring.py'),
                                  'nbs_lib.scoring.Scorer.check_fast': ('scoring.html#scorer.check_fast', 'nbs_lib/scoring.py'),
                                  'nbs_lib.scoring.Scorer.probability': ('scoring.html#scorer.probability', 'nbs_lib/scoring.py'),
+                                 'nbs_lib.scoring.Scorer.scored_by': ('scoring.html#scorer.scored_by', 'nbs_lib/scoring.py'),
                                  'nbs_lib.scoring.Scorer.unknown': ('scoring.html#scorer.unknown', 'nbs_lib/scoring.py'),
                                  'nbs_lib.scoring._strings': ('scoring.html#_strings', 'nbs_lib/scoring.py'),
                                  'nbs_lib.scoring.compile_pipeline': ('scoring.html#compile_pipeline', 'nbs_lib/scoring.py'),

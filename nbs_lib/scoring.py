@@ -11,7 +11,7 @@ from .config import UserError
 from .models import derive_function, derived_frame
 
 # %% auto #0
-__all__ = ['fitted_categories', 'compile_pipeline', 'Scorer']
+__all__ = ['ONNX_TOL', 'AUTO_ONNX_ROWS', 'fitted_categories', 'compile_pipeline', 'Scorer']
 
 # %% ../notebooks/lib/10b_scoring.ipynb #fad3aa22
 def _strings(cats) -> pd.Index:
@@ -65,6 +65,9 @@ def compile_pipeline(model, task: str = 'binary'):
         return est.predict_proba(Z)[:, 1] if task == 'binary' else est.predict(Z).astype('float64')
     return probability
 
+ONNX_TOL = 1e-6         # onnxruntime's scores must match the pipeline's within this (float64 sums in another order)
+AUTO_ONNX_ROWS = 512    # serve.runtime auto: onnxruntime below this many rows, the compiled pipeline from there (bench/bench_onnx.py)
+
 class Scorer:
     "A loaded model version: its score (probability, or value for regression), decision at `threshold`, unknown categories of each row."
     def __init__(self, model, version: str, threshold: float, categories: dict | None = None, inputs: list[str] | None = None,
@@ -75,36 +78,41 @@ class Scorer:
         self.categories = categories if categories is not None else fitted_categories(model)
         self._known = {c: set(v) for c, v in self.categories.items() if v}
         self._index = {c: _strings(sorted(k)) for c, k in self._known.items()}  # unique values: an index lookup needs them
-        self.runtime, self.tol, self.fast = 'sklearn', 0.0, None
-        if runtime in ('onnx', 'auto'):  # onnxruntime, checked within 1e-6 (check_fast); auto: sklearn when it cannot convert
+        self.runtime, self.fast, self.ort = runtime, compile_pipeline(model, task), None
+        if runtime in ('onnx', 'auto'):  # onnxruntime, checked within ONNX_TOL by check_fast
             from nbs_lib.onnx_model import NotConvertible, OnnxScore
-            try: self.fast, self.runtime, self.tol = OnnxScore(model), 'onnx', 1e-6
+            try: self.ort = OnnxScore(model)
             except NotConvertible as e:
                 if runtime == 'onnx': raise UserError(f"serve.runtime onnx: model version {version}: {e}") from None
                 logging.getLogger(__name__).warning('serve.runtime auto: model version %s: %s; scoring with sklearn', version, e)
-        if self.fast is None: self.fast = compile_pipeline(model, task)
 
     def _slow(self, X: pd.DataFrame) -> np.ndarray:
         X = X[self.inputs]
         return self.model.predict_proba(X)[:, 1] if self.task == 'binary' else np.asarray(self.model.predict(X), dtype='float64')
 
     def probability(self, X: pd.DataFrame) -> np.ndarray:
-        "The score of each row: probability of the positive class, or the value (by the compiled pipeline when there is one)."
+        "The score of each row: probability of the positive class, or the value (onnxruntime or the compiled pipeline when there is one)."
+        if self.ort is not None and (self.runtime == 'onnx' or len(X) < AUTO_ONNX_ROWS): return self.ort(X)
         return self.fast(X) if self.fast is not None else self._slow(X)
 
+    @property
+    def scored_by(self) -> str:
+        "What scores a call, in words (for the service's log)."
+        sk = 'scikit-learn (compiled)' if self.fast is not None else 'scikit-learn'
+        if self.ort is None: return sk
+        return 'onnxruntime' if self.runtime == 'onnx' else f'onnxruntime below {AUTO_ONNX_ROWS} rows, {sk} from there'
+
     def check_fast(self, X: pd.DataFrame) -> bool:
-        "Whether the fast path (compiled, or onnxruntime within 1e-6) gives the pipeline's own scores on `X`; if not, stop using it."
-        if self.fast is None: return False
-        want, got = self._slow(X), self.fast(X)
-        if not (np.array_equal(want, got) if self.tol == 0 else bool(np.all(np.abs(want - got) <= self.tol))):
-            logging.getLogger(__name__).warning('model version %s: the %s path differs by %g; scoring with the %s', self.version,
-                                                'onnxruntime' if self.runtime == 'onnx' else 'compiled', float(np.nanmax(np.abs(want - got))),
-                                                'compiled pipeline' if self.runtime == 'onnx' else 'pipeline')
-            if self.runtime == 'onnx':
-                self.runtime, self.tol, self.fast = 'sklearn', 0.0, compile_pipeline(self.model, self.task)
-                return self.check_fast(X)
+        "Whether the fast paths (onnxruntime within ONNX_TOL, the compiled pipeline exactly) give the pipeline's own scores on `X`; a path that does not is dropped (logged)."
+        if self.fast is None and self.ort is None: return False
+        want, log = self._slow(X), logging.getLogger(__name__)
+        if self.ort is not None and not np.all(np.abs((got := self.ort(X)) - want) <= ONNX_TOL):
+            log.warning('model version %s: onnxruntime differs by %g; not used', self.version, float(np.nanmax(np.abs(want - got))))
+            self.ort = None
+        if self.fast is not None and not np.array_equal(want, got := self.fast(X)):
+            log.warning('model version %s: the compiled pipeline differs by %g; scoring with the pipeline', self.version, float(np.nanmax(np.abs(want - got))))
             self.fast = None
-        return self.fast is not None
+        return self.fast is not None or self.ort is not None
 
     def unknown(self, X: pd.DataFrame) -> list[list[str]]:
         "For each row, the categorical columns whose value the model did not see in training."

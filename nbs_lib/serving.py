@@ -213,8 +213,7 @@ class Runtime:
                 if m is not None and not m.check_fast(X): m.probability(X)  # check_fast scored it both ways already
         for alias in ('champion', 'challenger'):
             if (m := getattr(self, alias)) is not None:
-                logging.getLogger(__name__).warning('%s version %s scored by %s (serve.runtime %s)', alias, m.version,
-                                                    'onnxruntime' if m.runtime == 'onnx' else 'scikit-learn', s['runtime'])
+                logging.getLogger(__name__).warning('%s version %s scored by %s (serve.runtime %s)', alias, m.version, m.scored_by, s['runtime'])
         self._shadow = None
         if self.challenger is not None and s['shadow']:
             from concurrent.futures import ThreadPoolExecutor
