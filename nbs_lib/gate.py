@@ -195,7 +195,7 @@ def best_run(runs: list, g: dict):
 
 # %% ../notebooks/lib/08_gate.ipynb #43c70fc0
 def logged_model(client, run):
-    "The READY LoggedModel a run produced (from its outputs, else by source_run_id; the newest if several), or None."
+    "The READY sklearn LoggedModel a run produced (from its outputs, else by source_run_id; the newest if several), or None."
     import mlflow
     from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
@@ -206,7 +206,8 @@ def logged_model(client, run):
     if not models:
         models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format='list',
                                              filter_string=f"source_run_id = '{run.info.run_id}'")
-    models = [m for m in models if m.status == LoggedModelStatus.READY and m.source_run_id == run.info.run_id]
+    models = [m for m in models if m.status == LoggedModelStatus.READY and m.source_run_id == run.info.run_id
+              and m.tags.get('nbs.format') != 'onnx']  # the sklearn model: not its ONNX copy (`nbs onnx` logs one beside it)
     return max(models, key=lambda m: m.creation_timestamp) if models else None
 
 def _check_candidate(client, run, g: dict, what: str):

@@ -158,34 +158,43 @@ def parity(model, X: pd.DataFrame, score=None) -> float:
 # %% ../notebooks/lib/10e_onnx.ipynb #onx-cli
 TOLERANCE = 1e-6
 
-def export(root: Path, p: dict, alias: str = 'champion', version: str | None = None, tolerance: float = TOLERANCE, log=print) -> dict:
-    "Convert a registered version to ONNX, check parity on the test set, log it to MLflow; the figures (UserError when it fails parity)."
+def export(root: Path, p: dict, alias: str = 'champion', version: str | None = None, tolerance: float = TOLERANCE, log=print,
+           run_id: str | None = None) -> dict:
+    "Convert a registered version (or a run's model) to ONNX, check parity on the test set, log it to MLflow; the figures (UserError when it fails parity)."
     import mlflow, onnx
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
     from mlflow.exceptions import MlflowException
-    from nbs_lib.gate import load_test
+    from nbs_lib.gate import get_run, load_test, logged_model
     from nbs_lib.tracking import load_model, setup_tracking
     setup_tracking(p, root); name = stage(p, 'registry')['model_name']; client = MlflowClient()
-    try: mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
-    except MlflowException: raise UserError(f"onnx: registered model '{name}' has no {'version ' + version if version else 'alias ' + alias} (run the gate first: make register)") from None
-    model = load_model(f'models:/{name}/{mv.version}')
+    if run_id:  # a run's own model, registered or not
+        run = get_run(client, run_id); lm = logged_model(client, run)
+        if lm is None: raise UserError(f"onnx: run {run_id} has no logged model")
+        mv, uri, what = None, lm.model_uri, f'run {run_id}'
+    else:
+        try: mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+        except MlflowException: raise UserError(f"onnx: registered model '{name}' has no {'version ' + version if version else 'alias ' + alias} (run the gate first: make register)") from None
+        uri, what, run_id = f'models:/{name}/{mv.version}', f'version {mv.version}', mv.run_id
+    model = load_model(uri)
     t0 = time.perf_counter(); proto = to_onnx(model); convert_s = time.perf_counter() - t0
     score = OnnxScore(model, proto)
     X, _, test = load_test(root, p)
     diff = parity(model, X, score)
     log(f"parity: max |onnxruntime - sklearn| = {diff:.3g} over {len(X):,} test rows (tolerance {tolerance:g})")
-    if not diff <= tolerance: raise UserError(f"onnx: version {mv.version} fails parity: {diff:.3g} > {tolerance:g} on the test set; nothing logged")
-    out = root/'build/onnx'/f'{name}-v{mv.version}.onnx'; out.parent.mkdir(parents=True, exist_ok=True)
+    if not diff <= tolerance: raise UserError(f"onnx: {what} fails parity: {diff:.3g} > {tolerance:g} on the test set; nothing logged")
+    out = root/'build/onnx'/(f'{name}-v{mv.version}.onnx' if mv else f'run-{run_id}.onnx'); out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(out))
     example = X.head(5)
     sig = infer_signature(pd.DataFrame({c: v.ravel() for c, v in feeds(example, score.inputs, score.categorical).items()}), score(example))
-    with mlflow.start_run(run_id=mv.run_id):
-        info = mlflow.onnx.log_model(proto, name='onnx', signature=sig, registered_model_name=None)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(proto, name='onnx', signature=sig, tags={'nbs.format': 'onnx', 'nbs.onnx_of': uri})
     figures = {'onnx.model_uri': info.model_uri, 'onnx.parity_max_abs_diff': f'{diff:.3g}', 'onnx.parity_rows': str(len(X)),
                'onnx.test_md5': test['md5'], 'onnx.file_bytes': str(out.stat().st_size), 'onnx.convert_s': f'{convert_s:.2f}'}
-    for k, v in figures.items(): client.set_model_version_tag(name, mv.version, k, v)
-    return {'name': name, 'version': mv.version, 'file': str(out), **figures}
+    for k, v in figures.items():
+        if mv: client.set_model_version_tag(name, mv.version, k, v)
+        client.set_tag(run_id, k, v)
+    return {'name': name, 'version': mv.version if mv else None, 'what': what, 'file': str(out), **figures}
 
 def main(argv: list[str] | None = None) -> int:
     "`nbs onnx [--alias A | --version V] [--tolerance T]`: a registered version as ONNX, checked and logged."
@@ -194,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group()
     src.add_argument('--alias', default='champion', help='registry alias (default: champion)')
     src.add_argument('--version', help='a registered version number')
+    src.add_argument('--run', help="an MLflow run's logged model (registered or not)")
     ap.add_argument('--tolerance', type=float, default=TOLERANCE, help='largest |onnx - sklearn| accepted (default 1e-6)')
     a = ap.parse_args(argv)
-    root = project_root(); r = export(root, load_params(root/'params.yaml'), a.alias, a.version, a.tolerance)
-    print(f"logged: {r['onnx.model_uri']} (version {r['version']} of {r['name']}), file {r['file']} ({int(r['onnx.file_bytes']):,} bytes)")
+    root = project_root(); r = export(root, load_params(root/'params.yaml'), a.alias, a.version, a.tolerance, run_id=a.run)
+    print(f"logged: {r['onnx.model_uri']} ({r['what']} of {r['name']}), file {r['file']} ({int(r['onnx.file_bytes']):,} bytes)")
     return 0

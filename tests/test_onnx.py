@@ -2,7 +2,7 @@
 MLflow with the onnx flavor; a step that cannot convert named in one line; the service's answers with serve.runtime
 onnx equal to those with sklearn over HTTP. Real MLflow store, onnxruntime and `bentoml serve`."""
 from __future__ import annotations
-import re
+import json, re
 import httpx
 import numpy as np
 import pandas as pd
@@ -27,10 +27,13 @@ def test_onnx_export_checks_parity_on_the_whole_test_set_and_logs_the_onnx_flavo
     import mlflow, mlflow.onnx, onnxruntime
     from nbs_lib.onnx_model import feeds, pipeline_parts
     from nbs_lib.tracking import load_model
+    c = MlflowClient(f"sqlite:///{champion/'mlflow.db'}")
+    refused = nbs(champion, 'onnx', '--tolerance', '1e-18', check=False)  # the float64 sums differ in the last bits: fails parity
+    assert refused.returncode == 2 and 'fails parity' in refused.stderr and 'nothing logged' in refused.stderr, refused.stderr
+    assert 'onnx.model_uri' not in c.get_model_version_by_alias(NAME, 'champion').tags
     r = nbs(champion, 'onnx')
     diff = float(re.search(r'parity: max \|onnxruntime - sklearn\| = (\S+) over ([\d,]+) test rows', r.stdout).group(1))
     assert diff <= 1e-6, r.stdout
-    c = MlflowClient(f"sqlite:///{champion/'mlflow.db'}")
     v = c.get_model_version_by_alias(NAME, 'champion'); tags = v.tags
     assert float(tags['onnx.parity_max_abs_diff']) == pytest.approx(diff) and int(tags['onnx.parity_rows']) > 1000
     # the test's own check: the logged graph, loaded by MLflow's onnx flavor and run by onnxruntime, on every test row
@@ -42,6 +45,16 @@ def test_onnx_export_checks_parity_on_the_whole_test_set_and_logs_the_onnx_flavo
     assert np.max(np.abs(got - sk.predict_proba(test)[:, 1])) <= 1e-6
     info = mlflow.models.get_model_info(tags['onnx.model_uri'])
     assert 'onnx' in info.flavors and {i['name'] for i in info.signature.inputs.to_dict()} == set(inputs)
+
+
+def test_a_runs_model_converts_too(champion):
+    run_id = json.loads((champion/'build/train/run.json').read_text())['run_id']
+    r = nbs(champion, 'onnx', '--run', run_id)
+    assert f'run {run_id} of {NAME}' in r.stdout
+    assert MlflowClient(f"sqlite:///{champion/'mlflow.db'}").get_run(run_id).data.tags['onnx.model_uri'].startswith('models:/m-')
+    # the gate still finds the run's sklearn model, not its ONNX copy logged beside it
+    g = nbs(champion, 'register', '--run', run_id, check=False)
+    assert g.returncode == 0 and 'kept' in g.stdout, g.stdout[-1500:] + g.stderr[-1500:]
 
 
 def test_a_model_that_cannot_convert_is_named_in_one_line(champion, tmp_path):
