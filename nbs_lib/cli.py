@@ -5,14 +5,14 @@ reduced to one line that names the task and the cause."""
 
 # %% ../notebooks/lib/06_cli.ipynb #dbc48d30
 from __future__ import annotations
-import argparse, json, os, sys, time
+import argparse, contextlib, json, os, sys, time
 from pathlib import Path
-from .config import UserError, check_params, load_params, project_root, tracking_uri
+from .config import UserError, check_params, load_params, project_root, raw_files, tracking_uri
 from .tasks import OFFLINE_ENV, dag_spec, expected_warnings, failure_line, notebook_error, offline_env, pipeline_tasks
 
 # %% auto #0
-__all__ = ['WARM_MODULES', 'SUBCOMMANDS', 'activate_env', 'fingerprint', 'BuildReport', 'build', 'task_lines', 'summary',
-           'dag_layout', 'dag_svg', 'dag_page', 'write_dag', 'check_all', 'main']
+__all__ = ['WARM_MODULES', 'SUBCOMMANDS', 'activate_env', 'fingerprint', 'keep_fingerprint', 'BuildReport', 'build', 'task_lines',
+           'summary', 'dag_layout', 'dag_svg', 'dag_page', 'write_dag', 'check_all', 'main']
 
 # %% ../notebooks/lib/06_cli.ipynb #4b9ad724
 _MARK = '# nbs_lib project environment'
@@ -44,23 +44,46 @@ def _declared_products(tasks: list[dict], root: Path) -> list[Path]:
     return out
 
 def fingerprint(root: Path, params: dict, tasks: list[dict] | None = None) -> str:
-    "Digest of every input and product that decides whether the pipeline is up to date (see above)."
+    "Digest of every input and product that decides whether the pipeline is up to date (see above): '<inputs> <products>'."
     import hashlib
-    h = hashlib.md5()
-    content = [root/'params.yaml', root/'pipeline.yaml', *sorted((root/'notebooks'/'tasks').glob('*.ipynb')),
-               *sorted((root/'nbs_lib').glob('*.py'))]
-    for f in content: h.update(f'{f.relative_to(root)}\0'.encode()); h.update(f.read_bytes())
-    from nbs_lib.data import raw_files
-    stats = raw_files(params, root)
-    for prod in _declared_products(tasks if tasks is not None else pipeline_tasks(root), root):
-        stats.append(prod); stats.append(prod.with_name(f'.{prod.name}.metadata'))
-        if prod.is_dir(): stats.extend(sorted(q for q in prod.rglob('*') if q.is_file()))
-    for f in stats:
+    def stat(h, f):
         try: st = f.stat(); h.update(f'{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n'.encode())
         except FileNotFoundError: h.update(f'{f}:missing\n'.encode())
-    return h.hexdigest()
+    inputs, products = hashlib.md5(), hashlib.md5()
+    content = [root/'params.yaml', root/'pipeline.yaml', *sorted((root/'notebooks'/'tasks').glob('*.ipynb')),
+               *sorted((root/'nbs_lib').glob('*.py'))]
+    for f in content: inputs.update(f'{f.relative_to(root)}\0'.encode()); inputs.update(f.read_bytes())
+    for f in raw_files(params, root): stat(inputs, f)
+    for prod in _declared_products(tasks if tasks is not None else pipeline_tasks(root), root):
+        stat(products, prod); stat(products, prod.with_name(f'.{prod.name}.metadata'))
+        if prod.is_dir():
+            for q in sorted(q for q in prod.rglob('*') if q.is_file()): stat(products, q)
+    return f'{inputs.hexdigest()} {products.hexdigest()}'
 
 def _fingerprint_file(root: Path) -> Path: return root/'build'/'.fingerprint'
+
+def _all_products(root: Path, tasks: list[dict]) -> bool:
+    return all(p.exists() and p.with_name(f'.{p.name}.metadata').exists() for p in _declared_products(tasks, root))
+
+@contextlib.contextmanager
+def keep_fingerprint(root: Path | None = None):
+    "Around a verb: if the build was up to date before it, keep it so when the verb changed no input and left every product (see above)."
+    try:
+        root = Path(root or project_root()); fp = _fingerprint_file(root)
+        stored = fp.read_text() if fp.exists() else None
+        params, tasks = load_params(root/'params.yaml'), pipeline_tasks(root)
+        before = fingerprint(root, params, tasks)
+    except (UserError, OSError, KeyError, TypeError, AttributeError): stored = before = None  # not in a project, or params broken
+    yield
+    if stored is None or stored != before: return
+    try: lock = _build_lock(root)
+    except UserError: return  # a build is running: it writes its own fingerprint
+    try:
+        after = fingerprint(root, load_params(root/'params.yaml'), tasks)
+        if fp.exists() and fp.read_text() == stored and after.split()[0] == before.split()[0] and _all_products(root, tasks):
+            fp.write_text(after)
+    except (UserError, OSError, KeyError, TypeError, AttributeError): pass
+    finally: lock.close()
 
 # %% ../notebooks/lib/06_cli.ipynb #b890fb57
 WARM_MODULES = ('pandas', 'pyarrow.parquet', 'sklearn.ensemble', 'sklearn.linear_model', 'matplotlib.pyplot',
@@ -253,7 +276,8 @@ SUBCOMMANDS = {'sweep': ('nbs_lib.sweep', 'run a parameter grid of the train+eva
 def _dispatch(cmd: str, argv: list[str]) -> int:
     import importlib
     module, _, fn = SUBCOMMANDS[cmd][0].partition(':')
-    return getattr(importlib.import_module(module), fn or 'main')(argv) or 0
+    with keep_fingerprint():
+        return getattr(importlib.import_module(module), fn or 'main')(argv) or 0
 
 # %% ../notebooks/lib/06_cli.ipynb #38380fc8
 def check_all(p: dict) -> dict:

@@ -5,16 +5,16 @@ and reading and writing files with one-line errors. Knows no column of any datas
 
 # %% ../notebooks/lib/01_data.ipynb #d733b6ab
 from __future__ import annotations
-import hashlib, importlib.util, operator, re, shutil
+import operator, re, shutil
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .config import RULE_PATTERN, DataError, ParamsError, check_stage, stage
+from .config import RULE_PATTERN, DataError, ParamsError, check_stage, package_data_dir, stage
 
 # %% auto #0
-__all__ = ['PANDAS_DTYPES', 'DataSpec', 'package_data_dir', 'md5', 'raw_files', 'validate_schema', 'read_table', 'write_parquet',
-           'parse_rule', 'make_target', 'model_table', 'check_table', 'sample_rows', 'split_table', 'materialize_raw']
+__all__ = ['PANDAS_DTYPES', 'DataSpec', 'validate_schema', 'read_table', 'write_parquet', 'parse_rule', 'make_target',
+           'model_table', 'check_table', 'sample_rows', 'split_table', 'materialize_raw']
 
 # %% ../notebooks/lib/01_data.ipynb #dat-spec
 PANDAS_DTYPES = {'int': 'int64', 'hhmm': 'int64', 'float': 'float64', 'category': 'str'}
@@ -62,25 +62,6 @@ class DataSpec:
         "The pandas dtype of an input column in the modelling table (a nullable int is held as float64)."
         s = self.columns[column]
         return 'float64' if s['nullable'] and s['dtype'] in ('int', 'hhmm') else PANDAS_DTYPES[s['dtype']]
-
-# %% ../notebooks/lib/01_data.ipynb #9f26c66b
-def package_data_dir(package: str) -> Path:
-    "The data folder of the installed package `package` (located, not imported)."
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package {package} is not installed: run `make setup`")
-    return Path(list(spec.submodule_search_locations)[0])/'data'
-
-def md5(path: str | Path, chunk: int = 1 << 20) -> str:
-    "md5 hex digest of a file (the hash DVC records in .dvc files)."
-    h = hashlib.md5()
-    with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(chunk), b''): h.update(b)
-    return h.hexdigest()
-
-def raw_files(p: dict, root: Path) -> list[Path]:
-    "The raw files of params `p` (data.raw_dir / data.files) under `root`."
-    d = p['data']; return [root/d['raw_dir']/f for f in d['files'].values()]
 
 # %% ../notebooks/lib/01_data.ipynb #e6da4655
 _KIND_OK = {'int': pd.api.types.is_integer_dtype, 'float': pd.api.types.is_numeric_dtype,

@@ -252,7 +252,8 @@ def select_candidate(client, root: Path, g: dict, sweep: str | None = None, run_
 # %% ../notebooks/lib/08_gate.ipynb #f2695098
 def load_test(root: Path, p: dict | None = None) -> tuple:
     "(X, y, description) of the current build's test set (params `p`, default: root's params.yaml); a one-line DataError when it is missing or unusable."
-    from nbs_lib.data import DataSpec, md5, read_table
+    from nbs_lib.config import md5
+    from nbs_lib.data import DataSpec, read_table
     spec = DataSpec.from_params(p if p is not None else load_params(root/'params.yaml'))
     path = product_path(root, 'features', 'test')
     if not path.exists():

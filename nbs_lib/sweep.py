@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse, contextlib, copy, hashlib, io, itertools, json, math, os, re, shutil, signal, socket, sys, threading, time, warnings
 from pathlib import Path
 import yaml
-from .config import METRICS, ParamsError, UserError, check_params, check_stage, load_params, project_root, stage, sweep_direction
-from .data import md5
+from .config import METRICS, ParamsError, UserError, check_params, check_stage, load_params, md5, project_root, stage, sweep_direction
 
 # %% auto #0
 __all__ = ['ENGINES', 'TABLE_METRICS', 'TASKS', 'parse_values', 'parse_set', 'check_sweep', 'build_grid', 'expand_grid',

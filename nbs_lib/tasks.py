@@ -8,12 +8,11 @@ module that runs or reads a task (cli, sweep, monitor) imports this one; nothing
 from __future__ import annotations
 import contextlib, json, os, re
 from pathlib import Path
-from .config import UserError, load_params, project_root
+from .config import UserError, load_params, project_root, read_yaml
 
 def pipeline_tasks(root: Path) -> list[dict]:
     "The `tasks:` of root/pipeline.yaml, as written."
-    import yaml
-    return yaml.safe_load((root/'pipeline.yaml').read_text()).get('tasks', [])
+    return read_yaml((root/'pipeline.yaml').read_text()).get('tasks', [])
 
 # %% auto #0
 __all__ = ['OFFLINE_ENV', 'SCRATCH', 'pipeline_tasks', 'offline_env', 'notebook_error', 'failure_line', 'expected_warnings',

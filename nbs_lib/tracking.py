@@ -9,8 +9,7 @@ import contextlib, json, os, platform, subprocess, threading
 from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
-from .config import UserError, project_root, tracking_uri
-from .data import md5
+from .config import UserError, md5, project_root, tracking_uri
 from .versioning import dvc_tags, git as _git  # tracking depends on versioning, never the other way
 
 # %% auto #0

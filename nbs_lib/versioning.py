@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse, contextlib, json, logging, os, platform, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 import yaml
-from .config import DataError, UserError, load_params, project_root
+from .config import DataError, UserError, load_params, md5, package_data_dir, project_root, raw_files, read_yaml
 
 def git(root: Path, *args: str) -> str | None:
     "Output of `git <args>` run in `root`, or None when git fails (not a repository, unknown commit, ...)."
@@ -24,7 +24,7 @@ def dvc_record(path: str | Path) -> dict | None:
     "The output recorded in `<path>.dvc` ({'md5', 'size', 'path', ...}), or None when `path` is not tracked by DVC."
     f = Path(f'{path}.dvc')
     if not f.exists(): return None
-    try: d = yaml.safe_load(f.read_text())
+    try: d = read_yaml(f.read_text())
     except yaml.YAMLError: d = None
     outs = d.get('outs') if isinstance(d, dict) else None
     if not outs or not isinstance(outs[0], dict) or not outs[0].get('md5'):
@@ -80,7 +80,6 @@ def verify(files: list[Path], root: Path, rehash: bool = False) -> list[Path]:
         if rec is None: continue
         key = _rel(f, root); now = _stat(f) + [rec['md5']]
         if not rehash and stamps.get(key) == now: continue
-        from nbs_lib.data import md5
         actual = md5(f)
         if actual != rec['md5']: raise mismatch_error(f, actual, rec['md5'], root)
         stamps[key] = now; hashed.append(f)
@@ -122,7 +121,7 @@ def _pull(root: Path, files: list[Path]) -> str:
     return f"pulled from the DVC cache or remote '{remote}'"
 
 def _regenerate(files: list[Path], package: str | None) -> list[Path]:
-    from nbs_lib.data import materialize_raw, package_data_dir
+    from nbs_lib.data import materialize_raw
     if not package: return []
     ok = [f for f in files if (package_data_dir(package)/f.name).exists()]
     for f in ok: materialize_raw(f.parent, (f.name,), package)
@@ -139,7 +138,6 @@ def _to_cache(root: Path, files: list[Path]) -> None:
 
 def ensure_raw(p: dict, root: Path | None = None, rehash: bool = False) -> str:
     "Make the raw files hold the bytes their .dvc files record: dvc pull, else regenerate; verify; one summary line."
-    from nbs_lib.data import raw_files
     root = Path(root or project_root()); files = raw_files(p, root); package = p['data'].get('package')
     missing = [f for f in files if not f.exists()]
     notes = []
@@ -198,7 +196,6 @@ def check_reproducible(run_id: str, tags: dict, git_root: Path) -> tuple[str, di
 # %% ../notebooks/lib/09_versioning.ipynb #3daf06d8
 def restore_data(root: Path, commit: str, inputs: dict, dest: Path, package: str | None = None) -> list[str]:
     "Copy each input ({path: md5}) to dest/path from the DVC cache, the remote or data.package; returns where each came from."
-    from nbs_lib.data import md5, package_data_dir
     found = []
     with dvc_repo(root) as repo:
         def cached(h: str) -> Path | None:
@@ -284,7 +281,6 @@ def _build(wt_root: Path, store: Path, log: Path) -> str:
     return json.loads((wt_root/'build'/'train'/'run.json').read_text())['run_id']
 
 def _warnings(tags: dict, root: Path) -> list[str]:
-    from nbs_lib.data import md5
     out, lock = [], root/'requirements.lock'
     if tags.get('lock.md5') and lock.exists() and md5(lock) != tags['lock.md5']:
         out.append(f"the run was made with requirements.lock md5 {tags['lock.md5']}, this environment from {md5(lock)}: package versions may differ")
