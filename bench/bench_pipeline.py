@@ -5,7 +5,7 @@
 1. cold build of the whole pipeline (`nbs build --force`) vs the same steps as one plain Python script
 2. per-task overhead: papermill (a kernel) vs ploomber-engine (in-process) vs the plain function call, and each
    task inside the real build against its notebook's cells (bench/profile_build.py)
-3. no-op rebuild (`nbs build`, `ploomber build`) vs `dvc repro` on an up-to-date stage
+3. no-op rebuild (`nbs build`, `ploomber build`) vs `dvc repro` on an up-to-date stage, and `nbs build` right after a verb
 4. MLflow tracking cost per run (params, metrics, model, artifacts) vs no tracking
 5. peak memory (RSS of the whole process tree) of a cold build on the full data (--full)
 Prints one table (medians) and writes bench/results.md.
@@ -231,6 +231,11 @@ def main() -> None:
     dvc_noop = median_of(lambda: timed([str(BIN/'dvc'), 'repro', '-q'], dv), a.repeats)
     row('3a. no-op rebuild: nbs build', noop, dvc_noop, 'dvc repro, up to date', goal='< 2 s')
     row('3b. no-op rebuild: ploomber build', noop_pl, dvc_noop, 'dvc repro, up to date', goal='< 2 s')
+    # 3c. the no-op right after a verb that writes into build/ (nbs monitor rewrites the monitor task's own products)
+    for verb in (['monitor'], ['register']):
+        def after(verb=verb):
+            timed([nbs, *verb], root); return timed([nbs, 'build'], root)
+        row(f'3c. no-op rebuild after `nbs {verb[0]}`', median_of(after, a.repeats), noop, 'no-op right after a build', goal='<= 0.2 s')
 
     # 4. tracking cost per run
     r = subprocess.run([PY, '-c', TRACK, str(max(a.repeats, 3))], cwd=root, env=env_for(root), capture_output=True, text=True, check=True)
