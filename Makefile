@@ -19,7 +19,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 NBSTRIPOUT_ARGS := --keep-id --extra-keys "metadata.language_info.codemirror_mode metadata.language_info.file_extension metadata.language_info.mimetype metadata.language_info.nbconvert_exporter metadata.language_info.pygments_lexer metadata.language_info.version"
 
 .PHONY: help setup git-setup data pipeline rebuild test test-fast lab mlflow-ui export check clean lock bench dag
-.PHONY: sweep bench-sweep
+.PHONY: sweep bench-sweep bench-scale
 
 help: ## list the commands
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -91,6 +91,10 @@ HAVE_BENCH = @test -d bench || { echo "error: no bench/ here: the workflow's ben
 bench: setup data ## benchmarks of the workflow's own overhead against plain Python (writes bench/results.md)
 	$(HAVE_BENCH)
 	$(BIN)/python bench/bench_pipeline.py --repeats 3 --full
+
+bench-scale: setup data ## benchmark: build time and peak memory at 1x, 3x, 10x the rows (years replicated), against plain Python (bench/results-scale.md)
+	$(HAVE_BENCH)
+	$(BIN)/python bench/bench_scale.py
 
 clean: ## remove build products (not the MLflow store, not the venv)
 	rm -rf build
