@@ -65,6 +65,8 @@ def _fingerprint_file(root: Path) -> Path: return root/'build'/'.fingerprint'
 def _all_products(root: Path, tasks: list[dict]) -> bool:
     return all(p.exists() and p.with_name(f'.{p.name}.metadata').exists() for p in _declared_products(tasks, root))
 
+_UNREADABLE = (UserError, OSError, KeyError, TypeError, AttributeError)  # not in a project, or params.yaml/pipeline.yaml broken
+
 @contextlib.contextmanager
 def keep_fingerprint(root: Path | None = None):
     "Around a verb: if the build was up to date before it, keep it so when the verb changed no input and left every product (see above)."
@@ -73,7 +75,7 @@ def keep_fingerprint(root: Path | None = None):
         stored = fp.read_text() if fp.exists() else None
         params, tasks = load_params(root/'params.yaml'), pipeline_tasks(root)
         before = fingerprint(root, params, tasks)
-    except (UserError, OSError, KeyError, TypeError, AttributeError): stored = before = None  # not in a project, or params broken
+    except _UNREADABLE: stored = before = None
     yield
     if stored is None or stored != before: return
     try: lock = _build_lock(root)
@@ -82,7 +84,7 @@ def keep_fingerprint(root: Path | None = None):
         after = fingerprint(root, load_params(root/'params.yaml'), tasks)
         if fp.exists() and fp.read_text() == stored and after.split()[0] == before.split()[0] and _all_products(root, tasks):
             fp.write_text(after)
-    except (UserError, OSError, KeyError, TypeError, AttributeError): pass
+    except _UNREADABLE: pass
     finally: lock.close()
 
 # %% ../notebooks/lib/06_cli.ipynb #b890fb57
