@@ -7,7 +7,7 @@ reduced to one line that names the task and the cause."""
 from __future__ import annotations
 import argparse, contextlib, json, os, sys, time
 from pathlib import Path
-from .config import UserError, check_params, load_params, project_root, raw_files, tracking_uri
+from .project import UserError, load_params, project_root, raw_files, tracking_uri
 from .tasks import OFFLINE_ENV, dag_spec, expected_warnings, failure_line, notebook_error, offline_env, pipeline_tasks
 
 # %% auto #0
@@ -61,6 +61,14 @@ def fingerprint(root: Path, params: dict, tasks: list[dict] | None = None) -> st
     return f'{inputs.hexdigest()} {products.hexdigest()}'
 
 def _fingerprint_file(root: Path) -> Path: return root/'build'/'.fingerprint'
+
+def _checked_unless_built(root: Path) -> dict:
+    "params.yaml, checked (pydantic) unless it, the code and the data are those of the last build, which checked them."
+    p, fp = load_params(root/'params.yaml'), _fingerprint_file(root)
+    stored = fp.read_text().split() if fp.exists() else []
+    if stored and stored[0] == fingerprint(root, p, pipeline_tasks(root)).split()[0]: return p
+    from nbs_lib.config import check_params
+    return check_params(p)
 
 def _all_products(root: Path, tasks: list[dict]) -> bool:
     return all(p.exists() and p.with_name(f'.{p.name}.metadata').exists() for p in _declared_products(tasks, root))
@@ -135,10 +143,13 @@ def build(force: bool = False, root: Path | None = None, quiet: bool = False, ve
     "Check params.yaml, then run the Ploomber pipeline in `root`; returns {task: status}. Raises UserError on failure. Progress bars only when `verbose`."
     offline_env()
     root = Path(root or project_root())
-    params = check_params(load_params(root/'params.yaml'))
+    params = load_params(root/'params.yaml')
     fp, tasks = _fingerprint_file(root), pipeline_tasks(root)
+    # up to date: params.yaml, the code and the data are those of the last build, which checked them
     if not force and fp.exists() and fp.read_text() == fingerprint(root, params, tasks):
         return BuildReport({t['name']: 'skipped' for t in tasks})
+    from nbs_lib.config import check_params  # pydantic: only when something may run
+    params = check_params(params)
     from nbs_lib.models import model_from_params
     model_from_params(params)  # hyperparameters are checked against the estimator before anything runs
     cwd = os.getcwd(); os.chdir(root)
@@ -284,6 +295,7 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
 # %% ../notebooks/lib/06_cli.ipynb #38380fc8
 def check_all(p: dict) -> dict:
     "Every stage of params.yaml (`config.check_params`), every family's hyperparameters for the task, the sweep grid's keys."
+    from nbs_lib.config import check_params
     from nbs_lib.models import families_for, model_from_params
     from nbs_lib.sweep import build_grid
     check_params(p)
@@ -318,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == 'check': check_all(load_params()); print('params.yaml: ok')
         elif args.cmd == 'data':
             from nbs_lib.versioning import ensure_raw
-            print(ensure_raw(check_params(load_params()), project_root(), rehash=args.rehash))
+            print(ensure_raw(_checked_unless_built(project_root()), project_root(), rehash=args.rehash))
         elif args.cmd == 'activate-env': activate_env(args.script)
         elif args.cmd == 'dag':
             for f in write_dag(): print(f)

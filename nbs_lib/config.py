@@ -4,76 +4,17 @@
 
 # %% ../notebooks/lib/00_config.ipynb #8675890e
 from __future__ import annotations
-import hashlib, importlib.util, os
-from pathlib import Path
 from typing import Any, Literal, Optional
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
+# the project on disk (nbs_lib.project, no pydantic): defined there, importable from here as before
+from .project import (DataError, ParamsError, UserError, load_params, md5, package_data_dir, project_root,  # noqa: F401
+                  raw_files, read_yaml, tracking_uri)
 
 # %% auto #0
-__all__ = ['Num', 'RULE_PATTERN', 'STAGES', 'METRICS', 'GATE_METRICS', 'UserError', 'ParamsError', 'DataError', 'project_root',
-           'read_yaml', 'load_params', 'package_data_dir', 'md5', 'raw_files', 'get', 'Data', 'Column', 'Target',
-           'Derive', 'Table', 'Split', 'Train', 'Evaluate', 'Tracking', 'Registry', 'Bootstrap', 'Gate', 'Sweep',
-           'Batching', 'Timeouts', 'Canary', 'Serve', 'Monitor', 'greater_is_better', 'gate_direction',
-           'sweep_direction', 'stage', 'check_stage', 'check_params', 'tracking_uri']
-
-# %% ../notebooks/lib/00_config.ipynb #017357cd
-class UserError(ValueError):
-    "An error caused by the user's input; its message is one line that names the culprit."
-
-class ParamsError(UserError):
-    "A missing or invalid value in params.yaml."
-
-class DataError(UserError):
-    "A missing, malformed or unusable data file."
-
-# %% ../notebooks/lib/00_config.ipynb #d9aff270
-def project_root(start: str | Path | None = None) -> Path:
-    "The nearest folder upward from `start` (default: cwd) holding params.yaml, or $NBS_ROOT."
-    if os.environ.get('NBS_ROOT'): return Path(os.environ['NBS_ROOT']).resolve()
-    p = Path(start or Path.cwd()).resolve()
-    for d in (p, *p.parents):
-        if (d/'params.yaml').exists() and (d/'pipeline.yaml').exists(): return d
-    raise ParamsError(f"no params.yaml with pipeline.yaml found in {p} or its parents: run from the project folder or set NBS_ROOT")
-
-# %% ../notebooks/lib/00_config.ipynb #cfg-yaml
-_YAML_LOADER = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)  # libyaml's C loader: 10x faster, same result
-
-def read_yaml(text: str):
-    "Parse YAML text the way yaml.safe_load does (libyaml's C parser when present): every no-op build reads three files."
-    return yaml.load(text, Loader=_YAML_LOADER)
-
-# %% ../notebooks/lib/00_config.ipynb #06f56f7f
-def load_params(path: str | Path | None = None) -> dict:
-    "Read params.yaml (default: the project's) into a dict, with a one-line error when it is missing or malformed."
-    path = Path(path) if path else project_root()/'params.yaml'
-    if not path.exists(): raise ParamsError(f"{path}: file not found")
-    try: p = read_yaml(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, 'problem_mark', None)
-        where = f" line {mark.line+1}" if mark else ''
-        raise ParamsError(f"{path.name}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(p, dict): raise ParamsError(f"{path.name}: expected a mapping of stages at the top level")
-    return p
-
-# %% ../notebooks/lib/00_config.ipynb #9f26c66b
-def package_data_dir(package: str) -> Path:
-    "The data folder of the installed package `package` (located, not imported)."
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package {package} is not installed: run `make setup`")
-    return Path(list(spec.submodule_search_locations)[0])/'data'
-
-def md5(path: str | Path, chunk: int = 1 << 20) -> str:
-    "md5 hex digest of a file (the hash DVC records in .dvc files)."
-    h = hashlib.md5()
-    with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(chunk), b''): h.update(b)
-    return h.hexdigest()
-
-def raw_files(p: dict, root: Path) -> list[Path]:
-    "The raw files of params `p` (data.raw_dir / data.files) under `root`."
-    d = p['data']; return [root/d['raw_dir']/f for f in d['files'].values()]
+__all__ = ['Num', 'RULE_PATTERN', 'STAGES', 'METRICS', 'GATE_METRICS', 'get', 'Data', 'Column', 'Target', 'Derive', 'Table',
+           'Split', 'Train', 'Evaluate', 'Tracking', 'Registry', 'Bootstrap', 'Gate', 'Sweep', 'Batching', 'Timeouts',
+           'Canary', 'Serve', 'Monitor', 'greater_is_better', 'gate_direction', 'sweep_direction', 'stage',
+           'check_stage', 'check_params']
 
 # %% ../notebooks/lib/00_config.ipynb #e5522f74
 _MISSING = object()
@@ -352,11 +293,3 @@ def check_params(p: dict) -> dict:
         raise ParamsError(f"params.yaml: 'split.by' must be an input column of table.columns (one of {list(p['table']['columns'])}), got {by!r}")
     sweep_direction(p['sweep']['metric'], task)
     return p
-
-# %% ../notebooks/lib/00_config.ipynb #39649644
-def tracking_uri(p: dict, root: Path | None = None) -> str:
-    "The tracking URI: $MLFLOW_TRACKING_URI, else params' tracking.uri with relative sqlite paths made absolute."
-    uri = os.environ.get('MLFLOW_TRACKING_URI') or p['tracking']['uri']
-    if uri.startswith('sqlite:///') and not uri.startswith('sqlite:////'):
-        uri = f"sqlite:///{(root or project_root())/uri[len('sqlite:///'):]}"
-    return uri

@@ -8,7 +8,7 @@ module that runs or reads a task (cli, sweep, monitor) imports this one; nothing
 from __future__ import annotations
 import contextlib, json, os, re
 from pathlib import Path
-from .config import UserError, load_params, project_root, read_yaml
+from .project import UserError, load_params, project_root, read_yaml
 
 def pipeline_tasks(root: Path) -> list[dict]:
     "The `tasks:` of root/pipeline.yaml, as written."

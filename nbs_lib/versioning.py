@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse, contextlib, json, logging, os, platform, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 import yaml
-from .config import DataError, UserError, load_params, md5, package_data_dir, project_root, raw_files, read_yaml
+from .project import DataError, UserError, load_params, md5, package_data_dir, project_root, raw_files, read_yaml, tracking_uri
 
 def git(root: Path, *args: str) -> str | None:
     "Output of `git <args>` run in `root`, or None when git fails (not a repository, unknown commit, ...)."
@@ -291,7 +291,6 @@ def _warnings(tags: dict, root: Path) -> list[str]:
 def reproduce(ref: str, root: Path | None = None, keep: bool = False, say=print) -> bool:
     "Re-run the run behind `ref` from its commit and data in a temporary worktree; print the comparison; True when identical."
     from mlflow.tracking import MlflowClient
-    from nbs_lib.config import tracking_uri
     os.environ.setdefault('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', 'false')
     root = Path(root or project_root()); p = load_params(root/'params.yaml')
     uri = tracking_uri(p, root); client = MlflowClient(tracking_uri=uri)

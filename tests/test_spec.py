@@ -154,7 +154,7 @@ def test_pyfunc_clients_score_the_project_table_unchanged(served):
 
 # --- the workflow knows no column of the example --------------------------------------------------------------------
 
-WORKFLOW = ['config', 'data', 'models', 'metrics', 'tracking', 'tasks', 'sweep', 'gate', 'versioning', 'schema', 'scoring', 'predlog',
+WORKFLOW = ['project', 'config', 'data', 'models', 'metrics', 'tracking', 'tasks', 'sweep', 'gate', 'versioning', 'schema', 'scoring', 'predlog',
             'guard', 'serving', 'monitor', 'cli', 'scaffold']
 
 
