@@ -24,7 +24,13 @@ NBSTRIPOUT_ARGS := --keep-id --extra-keys "metadata.language_info.codemirror_mod
 help: ## list the commands
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.lock pyproject.toml
+# what the venv is installed from, by content: `nbdev-export` rewrites pyproject.toml with the same bytes (a new mtime),
+# which must not cost a reinstall; the file changes only when the lock or pyproject.toml do
+DEPS_MD5 := $(VENV)/.deps.md5
+$(DEPS_MD5): requirements.lock pyproject.toml
+	@mkdir -p $(VENV); md5sum requirements.lock pyproject.toml | cmp -s - $@ || md5sum requirements.lock pyproject.toml > $@
+
+$(STAMP): $(DEPS_MD5)
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# uv, pinned; a venv made by uv or `uv pip sync` has no pip: bootstrap it with ensurepip first
@@ -39,7 +45,11 @@ $(STAMP): requirements.lock pyproject.toml
 	mkdir -p $(VENV)/share/jupyter/lab/settings && echo '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' > $(VENV)/share/jupyter/lab/settings/overrides.json
 	@touch $@
 
-setup: $(STAMP) git-setup ## create .venv from the pinned lock, prepare Jupyter and git for notebooks
+setup: $(STAMP) $(VENV)/.git-setup ## create .venv from the pinned lock, prepare Jupyter and git for notebooks
+
+# git-setup once per venv (a no-op `make pipeline` should not pay ten git calls); `make git-setup` does it again
+$(VENV)/.git-setup: $(STAMP)
+	@$(MAKE) --no-print-directory git-setup && touch $@
 
 # In a linked worktree the repository's config is shared: there, configure only once `extensions.worktreeConfig` is on.
 git-setup: ## git for notebooks: nbstripout as clean filter (outputs and volatile metadata never committed, cell ids kept), nbdev's diff and merge drivers
