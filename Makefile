@@ -19,10 +19,10 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 NBSTRIPOUT_ARGS := --keep-id --extra-keys "metadata.language_info.codemirror_mode metadata.language_info.file_extension metadata.language_info.mimetype metadata.language_info.nbconvert_exporter metadata.language_info.pygments_lexer metadata.language_info.version"
 
 .PHONY: help setup git-setup data pipeline rebuild test test-fast lab mlflow-ui export check clean lock bench dag
-.PHONY: sweep bench-sweep bench-scale
+.PHONY: sweep bench-sweep bench-scale bench-pipeline bench-suite bench-report
 
 help: ## list the commands
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 # what the venv is installed from, by content: `nbdev-export` rewrites pyproject.toml with the same bytes (a new mtime),
 # which must not cost a reinstall; the file changes only when the lock or pyproject.toml do
@@ -98,9 +98,25 @@ dag: setup ## draw the DAG offline, with each task's status: build/pipeline.html
 # bench/ holds the template's own benchmarks (of its worked example); a project made by `make new` has none
 HAVE_BENCH = @test -d bench || { echo "error: no bench/ here: the workflow's benchmarks live in the template repository (make new leaves them out)" >&2; exit 2; }
 
-bench: setup data ## benchmarks of the workflow's own overhead against plain Python (writes bench/results.md)
+bench: setup data ## every benchmark with a goal, each against its baseline in the same run, then one table into the README (about 45 min)
 	$(HAVE_BENCH)
 	$(BIN)/python bench/bench_pipeline.py --repeats 3 --full
+	$(BIN)/python bench/bench_serving.py
+	$(BIN)/python bench/bench_scale.py
+	$(BIN)/python bench/bench_suite.py
+	$(BIN)/python bench/report.py
+
+bench-pipeline: setup data ## benchmark: the workflow's own overhead against plain Python: builds, edit-to-result, no-ops, tracking (bench/results.md)
+	$(HAVE_BENCH)
+	$(BIN)/python bench/bench_pipeline.py --repeats 3 --full
+
+bench-suite: setup data ## benchmark: the wall time of make test against its tests' summed durations (bench/results-suite.md)
+	$(HAVE_BENCH)
+	$(BIN)/python bench/bench_suite.py
+
+bench-report: setup ## the README's benchmark table, again, from the result files in bench/ (bench/report.py)
+	$(HAVE_BENCH)
+	$(BIN)/python bench/report.py
 
 bench-scale: setup data ## benchmark: build time and peak memory at 1x, 3x, 10x the rows (years replicated), against plain Python (bench/results-scale.md)
 	$(HAVE_BENCH)
