@@ -49,7 +49,7 @@ setup: $(STAMP) $(VENV)/.git-setup ## create .venv from the pinned lock, prepare
 
 # git-setup once per venv (a no-op `make pipeline` should not pay ten git calls); `make git-setup` does it again
 $(VENV)/.git-setup: $(STAMP)
-	@$(MAKE) --no-print-directory git-setup && touch $@
+	@mkdir -p $(VENV) && $(MAKE) --no-print-directory git-setup && touch $@
 
 # In a linked worktree the repository's config is shared: there, configure only once `extensions.worktreeConfig` is on.
 git-setup: ## git for notebooks: nbstripout as clean filter (outputs and volatile metadata never committed, cell ids kept), nbdev's diff and merge drivers
@@ -69,11 +69,12 @@ data: setup ## put the raw data in data/raw (dvc pull, else regenerate from the 
 check: setup ## check params.yaml
 	$(BIN)/nbs check
 
-pipeline: data ## run the pipeline (only what changed) and say where its products and MLflow run are
-	$(BIN)/nbs build
+# --data: what `make data` does, then the build, in one process (a no-op make pipeline costs one interpreter start)
+pipeline: setup ## put the raw data in place (as make data), run the pipeline (only what changed), say where its products and MLflow run are
+	$(BIN)/nbs build --data
 
-rebuild: data ## run every task of the pipeline again
-	$(BIN)/nbs build --force
+rebuild: setup ## run every task of the pipeline again (the raw data checked first, as make data)
+	$(BIN)/nbs build --data --force
 
 test: setup data ## run the whole test suite (CI runs this)
 	$(BIN)/python -m pytest

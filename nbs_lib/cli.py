@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser('build', help='check params.yaml and run the pipeline (only what changed): a line per task, then a summary')
     b.add_argument('--force', action='store_true', help='re-run every task')
     b.add_argument('-v', '--verbose', action='store_true', help="also Ploomber's progress bars, per-cell progress and MLflow's log lines")
+    b.add_argument('--data', action='store_true', help='first put the raw data in place and check it, as `nbs data` (make pipeline: one process)')
     sub.add_parser('check', help='check every stage of params.yaml and exit')
     sub.add_parser('dag', help='draw the DAG with each task\'s status, offline: build/pipeline.html (self-contained) and build/pipeline.svg')
     d = sub.add_parser('data', help='put the raw data in data/raw (dvc pull, else regenerate from the package), checked against its .dvc md5')
@@ -335,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == 'dag':
             for f in write_dag(): print(f)
         elif args.cmd == 'build':
+            if args.data:
+                from nbs_lib.versioning import ensure_raw
+                print(ensure_raw(_checked_unless_built(project_root()), project_root()))
             t0 = time.perf_counter(); st = build(force=args.force, verbose=args.verbose)
             ran = [k for k, v in st.items() if v == 'ran']
             print('\n'.join(task_lines(st)))
