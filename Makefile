@@ -19,7 +19,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 NBSTRIPOUT_ARGS := --keep-id --extra-keys "metadata.language_info.codemirror_mode metadata.language_info.file_extension metadata.language_info.mimetype metadata.language_info.nbconvert_exporter metadata.language_info.pygments_lexer metadata.language_info.version"
 
 .PHONY: help setup git-setup data pipeline rebuild test test-fast lab mlflow-ui export check clean lock bench dag
-.PHONY: sweep bench-sweep bench-scale bench-pipeline bench-suite bench-report
+.PHONY: sweep bench-sweep bench-scale bench-pipeline bench-noop bench-suite bench-report
 
 help: ## list the commands
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -102,6 +102,7 @@ HAVE_BENCH = @test -d bench || { echo "error: no bench/ here: the workflow's ben
 bench: setup data ## every benchmark with a goal, each against its baseline in the same run, then one table into the README (about 45 min)
 	$(HAVE_BENCH)
 	$(BIN)/python bench/bench_pipeline.py --repeats 3 --full
+	$(BIN)/python bench/bench_noop.py
 	$(BIN)/python bench/bench_serving.py
 	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_suite.py
@@ -110,6 +111,10 @@ bench: setup data ## every benchmark with a goal, each against its baseline in t
 bench-pipeline: setup data ## benchmark: the workflow's own overhead against plain Python: builds, edit-to-result, no-ops, tracking (bench/results.md)
 	$(HAVE_BENCH)
 	$(BIN)/python bench/bench_pipeline.py --repeats 3 --full
+
+bench-noop: setup data ## benchmark: a no-op make pipeline right after a build and after each verb (bench/results-noop.md)
+	$(HAVE_BENCH)
+	$(BIN)/python bench/bench_noop.py
 
 bench-suite: setup data ## benchmark: the wall time of make test against its tests' summed durations (bench/results-suite.md)
 	$(HAVE_BENCH)
