@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     python = statistics.median(sh([str(BIN/'python'), '-c', 'pass'], root)[0] for _ in range(max(a.repeats, 5)))
     after_build = statistics.median(noop(root) for _ in range(max(a.repeats, 5)))
     build_only = statistics.median(sh([str(BIN/'nbs'), 'build'], root)[0] for _ in range(max(a.repeats, 5)))
-    row('3a. no-op `make pipeline` right after a build (make, nbs data, nbs build)', after_build, python, 'python -c pass: an interpreter start')
+    row('3a. no-op `make pipeline` right after a build (make, then nbs build --data)', after_build, python, 'python -c pass: an interpreter start')
     row('3a. no-op `nbs build` alone, right after a build', build_only, python, 'python -c pass: an interpreter start')
     for name, cmd in VERBS:
         times = []
