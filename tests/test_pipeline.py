@@ -53,6 +53,8 @@ def test_mlflow_run_has_params_metrics_model_plots_notebooks_lineage(sample_proj
 def test_noop_rebuild_runs_nothing(sample_project):
     r = nbs(sample_project, 'build')
     assert ran_tasks(r) == []
+    r = nbs(sample_project, 'build', '--data')  # what make pipeline runs: the raw data checked, then the build, in one process
+    assert r.stdout.startswith('data/raw: ') and ran_tasks(r) == []
 
 
 def test_train_param_change_reruns_train_and_evaluate_only(built_copy):
@@ -101,10 +103,11 @@ def test_bad_params_fail_in_one_line_and_keep_products(built_copy, updates, expe
     root = built_copy
     before = _products(root)
     set_params(root, **updates)
-    r = nbs(root, 'build', check=False)
-    assert r.returncode == 2, r.stdout + r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith('error: ') and expected in last, last
+    for args in (['build'], ['build', '--data']):  # nbs build, and make pipeline's nbs build --data (params checked before the data)
+        r = nbs(root, *args, check=False)
+        assert r.returncode == 2, r.stdout + r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith('error: ') and expected in last, (args, last)
     assert _products(root) == before  # checked before any task ran: nothing touched
 
 
