@@ -95,12 +95,12 @@ def _table(res: list[dict]) -> str:
 def _task_table(res: list[dict]) -> str:
     "Seconds of each task of the build at each scale, and its growth vs 1x."
     base, tasks = res[0], list(res[0]['tasks'])
-    head = '| task | ' + ' | '.join(f"{r['k']}x s" for r in res) + ' | ' + ' | '.join(f"growth {r['k']}x" for r in res[1:]) + ' |\n'
-    head += '|---' * (1 + 2*len(res) - 1) + '|\n'
+    cols = ['task'] + [f"{r['k']}x s" for r in res] + [f"growth {r['k']}x" for r in res[1:]]
+    head = '| ' + ' | '.join(cols) + ' |\n' + '|---' * len(cols) + '|\n'
     rows = []
     for t in tasks:
         g = [f"{(r['tasks'].get(t, float('nan'))/base['tasks'][t])/(r['rows']/base['rows']):.2f}" if base['tasks'][t] else '-' for r in res[1:]]
-        rows.append(f"| {t} | " + ' | '.join(f"{r['tasks'].get(t, float('nan')):.1f}" for r in res) + (' | ' + ' | '.join(g) if g else '') + ' |')
+        rows.append('| ' + ' | '.join([t] + [f"{r['tasks'].get(t, float('nan')):.1f}" for r in res] + g) + ' |')
     return head + '\n'.join(rows) + '\n'
 
 
