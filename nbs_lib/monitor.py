@@ -16,10 +16,11 @@ from .models import derived_frame, predict_scores
 
 # %% auto #0
 __all__ = ['VERDICTS', 'PLOT_TITLES', 'monitor_settings', 'psi', 'quantile_edges', 'numeric_histogram', 'numeric_bins',
-           'categorical_histograms', 'numeric_drift', 'categorical_drift', 'is_drifted', 'monitored_frame',
-           'batches_by', 'read_prediction_log', 'performance', 'compare_batch', 'verdict', 'compare', 'summary_frame',
-           'psi_frame', 'plot_psi_heatmap', 'plot_prediction_drift', 'plot_performance', 'plot_feature_shift',
-           'to_json', 'render_report', 'log_monitoring', 'run_monitor', 'summary_text', 'main']
+           'categorical_profile', 'categorical_histograms', 'numeric_profile', 'ks_test', 'numeric_drift',
+           'categorical_drift', 'is_drifted', 'monitored_frame', 'batches_by', 'read_prediction_log', 'performance',
+           'reference_profile', 'compare_batch', 'verdict', 'compare', 'summary_frame', 'psi_frame', 'plot_psi_heatmap',
+           'plot_prediction_drift', 'plot_performance', 'plot_feature_shift', 'to_json', 'render_report',
+           'log_monitoring', 'run_monitor', 'summary_text', 'main']
 
 # %% ../notebooks/lib/11_monitor.ipynb #50168b7d
 def monitor_settings(s) -> dict:
@@ -57,48 +58,81 @@ def numeric_bins(edges) -> list[str]:
     return [f'< {e[0]}'] + [f'[{a}, {b})' for a, b in zip(e, e[1:])] + [f'>= {e[-1]}', 'missing']
 
 # %% ../notebooks/lib/11_monitor.ipynb #9c0155c0
-def categorical_histograms(ref: pd.Series, cur: pd.Series, max_categories: int) -> tuple[list, np.ndarray, np.ndarray]:
-    "Bins (the reference's most frequent values, '(other)', '(missing)') and the counts of `ref` and `cur` in them."
+def _category_counts(s: pd.Series, top: list, labels: list) -> np.ndarray:
+    v = s.astype(str).where(s.isin(top), '(other)').where(s.notna(), '(missing)')
+    return v.value_counts().reindex(labels, fill_value=0).to_numpy()
+
+def categorical_profile(ref: pd.Series, max_categories: int) -> dict:
+    "The reference side of `categorical_drift`, computed once: its bins (most frequent values, '(other)', '(missing)') and counts."
     vc = ref.dropna().astype(str).value_counts()
     vc = vc.sort_index(kind='stable').sort_values(ascending=False, kind='stable')  # ties: alphabetical
     top = list(vc.index[:max_categories - 1])
     labels = top + ['(other)', '(missing)']
-    def counts(s):
-        v = s.astype(str).where(s.isin(top), '(other)').where(s.notna(), '(missing)')
-        return v.value_counts().reindex(labels, fill_value=0).to_numpy()
-    return labels, counts(ref), counts(cur)
+    return {'kind': 'categorical', 'rows': len(ref), 'top': top, 'labels': labels, 'counts': _category_counts(ref, top, labels),
+            'missing': float(ref.isna().mean()) if len(ref) else None}
+
+def categorical_histograms(ref: pd.Series, cur: pd.Series, max_categories: int) -> tuple[list, np.ndarray, np.ndarray]:
+    "Bins (the reference's most frequent values, '(other)', '(missing)') and the counts of `ref` and `cur` in them."
+    r = categorical_profile(ref, max_categories)
+    return r['labels'], r['counts'], _category_counts(cur, r['top'], r['labels'])
+
+def numeric_profile(ref, n_bins: int) -> dict:
+    "The reference side of `numeric_drift`, computed once: bin edges and counts, and its distinct values with cumulative counts (for KS)."
+    ref = np.asarray(ref, dtype=float); a = np.sort(ref[~np.isnan(ref)])
+    edges = quantile_edges(a, n_bins)
+    values, counts = np.unique(a, return_counts=True)
+    return {'kind': 'numeric', 'rows': len(ref), 'present': len(a), 'edges': edges, 'counts': numeric_histogram(ref, edges),
+            'values': values, 'cum': np.cumsum(counts)}
+
+_KS_EXACT_N = 10_000  # scipy's ks_2samp (method 'auto') computes the exact p-value up to this many values in the larger sample
+
+def ks_test(ref: dict, cur) -> tuple[float, float]:
+    "scipy's two-sided `ks_2samp(reference, cur)` (statistic, p-value), from the reference's profile: cost grows with `cur` only."
+    n1, n2 = ref['present'], len(cur)
+    if max(n1, n2) <= _KS_EXACT_N:  # the exact p-value: scipy itself, on samples that are small by definition
+        t = stats.ks_2samp(np.repeat(ref['values'], np.diff(ref['cum'], prepend=0)), cur); return float(t.statistic), float(t.pvalue)
+    u, j = np.unique(np.asarray(cur, dtype=float), return_counts=True); j = np.cumsum(j)  # the batch's ECDF at its values
+    cum = np.r_[0, ref['cum']]
+    at = cum[np.searchsorted(ref['values'], u, side='right')]  # reference values <= u
+    below = cum[np.searchsorted(ref['values'], u, side='left')]  # reference values < u: the ECDFs just below u
+    # |F_ref - F_cur| is largest at a value of either sample; between two batch values F_cur is flat and F_ref rises,
+    # so the extremes are at a batch value and just below the next: the same differences scipy takes, no others
+    d = np.r_[at/n1 - j/n2, (below/n1 - np.r_[0, j[:-1]]/n2)[below > 0]]
+    lo, hi = np.clip(-d.min(), 0, 1), d.max()
+    stat = lo if lo > hi else hi
+    m, n = sorted([float(n1), float(n2)], reverse=True)
+    return float(stat), float(np.clip(stats.kstwo.sf(stat, np.round(m*n/(m + n))), 0, 1))  # Smirnov's asymptotic p, as scipy
 
 def _shares(counts) -> list[float]:
     c = np.asarray(counts, dtype=float); return list(c/max(c.sum(), 1))
 
 def numeric_drift(ref, cur, n_bins: int) -> dict:
-    "PSI on reference-quantile bins (+ a missing bin); KS on the values present and chi-square on the missing share (Bonferroni)."
-    ref = np.asarray(ref, dtype=float); cur = np.asarray(cur, dtype=float)
-    edges = quantile_edges(ref, n_bins)
-    hr, hc = numeric_histogram(ref, edges), numeric_histogram(cur, edges)
-    a, b = ref[~np.isnan(ref)], cur[~np.isnan(cur)]
+    "PSI on reference-quantile bins (+ a missing bin); KS on the values present and chi-square on the missing share (Bonferroni). `ref`: values or their `numeric_profile`."
+    r = ref if isinstance(ref, dict) else numeric_profile(ref, n_bins)
+    cur = np.asarray(cur, dtype=float); b = cur[~np.isnan(cur)]
+    hr, hc = r['counts'], numeric_histogram(cur, r['edges'])
     stat = p_ks = p_miss = None
-    if len(a) >= 2 and len(b) >= 2:
-        t = stats.ks_2samp(a, b); stat, p_ks = float(t.statistic), float(t.pvalue)
-    mr, mc = len(ref) - len(a), len(cur) - len(b)
-    if (mr or mc) and len(a) + len(b) and len(ref) and len(cur):
-        p_miss = float(stats.chi2_contingency([[len(a), mr], [len(b), mc]]).pvalue)
+    if r['present'] >= 2 and len(b) >= 2: stat, p_ks = ks_test(r, b)
+    mr, mc = r['rows'] - r['present'], len(cur) - len(b)
+    if (mr or mc) and r['present'] + len(b) and r['rows'] and len(cur):
+        p_miss = float(stats.chi2_contingency([[r['present'], mr], [len(b), mc]]).pvalue)
     ps = [q for q in (p_ks, p_miss) if q is not None]
     return {'kind': 'numeric', 'test': 'ks' + (' + chi2 on missing share' if p_miss is not None else ''), 'psi': psi(hr, hc),
             'statistic': stat, 'p_value': min(1.0, len(ps)*min(ps)) if ps else None, 'p_value_ks': p_ks, 'p_value_missing': p_miss,
-            'missing_ref': mr/len(ref) if len(ref) else None, 'missing_cur': mc/len(cur) if len(cur) else None,
-            'bins': numeric_bins(edges), 'ref_shares': _shares(hr), 'shares': _shares(hc)}
+            'missing_ref': mr/r['rows'] if r['rows'] else None, 'missing_cur': mc/len(cur) if len(cur) else None,
+            'bins': numeric_bins(r['edges']), 'ref_shares': _shares(hr), 'shares': _shares(hc)}
 
-def categorical_drift(ref: pd.Series, cur: pd.Series, max_categories: int) -> dict:
-    "PSI over the reference's top categories (+ other, missing) and the chi-square test of the 2 x k table of counts."
-    labels, hr, hc = categorical_histograms(ref, cur, max_categories)
+def categorical_drift(ref, cur: pd.Series, max_categories: int) -> dict:
+    "PSI over the reference's top categories (+ other, missing) and the chi-square test of the 2 x k table of counts. `ref`: values or their `categorical_profile`."
+    r = ref if isinstance(ref, dict) else categorical_profile(ref, max_categories)
+    hr, hc = r['counts'], _category_counts(cur, r['top'], r['labels'])
     keep = (hr + hc) > 0
     stat = p = None
     if keep.sum() >= 2 and hr.sum() and hc.sum():
         t = stats.chi2_contingency(np.vstack([hr[keep], hc[keep]])); stat, p = float(t.statistic), float(t.pvalue)
     return {'kind': 'categorical', 'test': 'chi2', 'psi': psi(hr, hc), 'statistic': stat, 'p_value': p,
-            'missing_ref': float(ref.isna().mean()) if len(ref) else None, 'missing_cur': float(cur.isna().mean()) if len(cur) else None,
-            'bins': labels, 'ref_shares': _shares(hr), 'shares': _shares(hc)}
+            'missing_ref': r['missing'], 'missing_cur': float(cur.isna().mean()) if len(cur) else None,
+            'bins': list(r['labels']), 'ref_shares': _shares(hr), 'shares': _shares(hc)}
 
 def is_drifted(d: dict, psi_threshold: float, p_value: float) -> bool:
     "Drifted: a large effect (PSI >= threshold) that the test confirms (p < p_value; no test when nothing is present)."
@@ -177,24 +211,33 @@ def _decay(perf: dict, cfg: dict, ref: dict | None = None) -> list[str]:
 
 _HIST_EDGES = np.linspace(0, 1, 21)
 
+def reference_profile(ref_X: pd.DataFrame, ref_p, numeric: list[str], categorical: list[str], cfg: dict, task: str = 'binary') -> dict:
+    "The reference side of every batch's comparison, computed once: each feature's profile, the predictions' profile, histogram and mean."
+    ref_p = np.asarray(ref_p, dtype=float)
+    edges = _HIST_EDGES if task == 'binary' else np.histogram_bin_edges(ref_p[np.isfinite(ref_p)], 20)
+    feats = {c: numeric_profile(ref_X[c], cfg['n_bins']) for c in numeric} | {c: categorical_profile(ref_X[c], cfg['max_categories']) for c in categorical}
+    return {'features': feats, 'prediction': numeric_profile(ref_p, cfg['n_bins']), 'mean_ref': float(np.nanmean(ref_p)),
+            'hist_edges': edges, 'hist_ref': _shares(np.histogram(ref_p, edges)[0])}
+
 def compare_batch(ref_X: pd.DataFrame, ref_p, X: pd.DataFrame, p, y, numeric: list[str], categorical: list[str], cfg: dict,
-                  task: str = 'binary', ref_perf: dict | None = None) -> dict:
-    "Drift of one batch (monitored frame `X`, predictions `p`, labels `y` or None) against the reference; with its verdict."
+                  task: str = 'binary', ref_perf: dict | None = None, profile: dict | None = None) -> dict:
+    "Drift of one batch (monitored frame `X`, predictions `p`, labels `y` or None) against the reference (or its `reference_profile`); with its verdict."
     n = len(X)
     if n < cfg['min_rows']:
         return {'rows': n, 'status': 'insufficient', 'retrain': False,
                 'message': f"insufficient data: {n} rows < min_rows ({cfg['min_rows']})", 'reasons': []}
+    r = profile or reference_profile(ref_X, ref_p, numeric, categorical, cfg, task)
     feats = {}
-    for c in numeric: feats[c] = numeric_drift(ref_X[c], X[c], cfg['n_bins'])
-    for c in categorical: feats[c] = categorical_drift(ref_X[c], X[c], cfg['max_categories'])
+    for c in numeric: feats[c] = numeric_drift(r['features'][c], X[c], cfg['n_bins'])
+    for c in categorical: feats[c] = categorical_drift(r['features'][c], X[c], cfg['max_categories'])
     for d in feats.values(): d['drifted'] = is_drifted(d, cfg['psi_threshold'], cfg['p_value'])
     drifted = sorted((c for c, d in feats.items() if d['drifted']), key=lambda c: -feats[c]['psi'])
-    pred = numeric_drift(ref_p, p, cfg['n_bins'])
-    edges = _HIST_EDGES if task == 'binary' else np.histogram_bin_edges(np.asarray(ref_p, float)[np.isfinite(ref_p)], 20)
+    pred = numeric_drift(r['prediction'], p, cfg['n_bins'])
+    edges = r['hist_edges']
     pred = {k: pred[k] for k in ('psi', 'statistic', 'p_value')} | {
         'drifted': is_drifted(pred, cfg['prediction_psi_threshold'], cfg['p_value']),
-        'mean_ref': float(np.nanmean(ref_p)), 'mean': float(np.nanmean(p)),
-        'hist_edges': list(edges), 'hist_ref': _shares(np.histogram(ref_p, edges)[0]), 'hist': _shares(np.histogram(p, edges)[0])}
+        'mean_ref': r['mean_ref'], 'mean': float(np.nanmean(p)),
+        'hist_edges': list(edges), 'hist_ref': list(r['hist_ref']), 'hist': _shares(np.histogram(p, edges)[0])}
     perf = performance(y, p, task) if y is not None else None
     reasons = []
     if pred['drifted']: reasons.append(f"predictions drifted (PSI {pred['psi']:.3f} >= {cfg['prediction_psi_threshold']})")
@@ -227,6 +270,7 @@ def compare(reference: pd.DataFrame, batches: dict[str, pd.DataFrame], model, sp
     ref_X, numeric, categorical = monitored_frame(reference, spec)
     ref_p = predict_scores(model, reference[spec.inputs], spec.task)
     ref_perf = performance(reference[spec.target], ref_p, spec.task) if spec.target in reference.columns else None
+    prof = reference_profile(ref_X, ref_p, numeric, categorical, cfg, spec.task)  # once: each batch then costs its own rows
     out = {}
     for name, df in batches.items():
         X = monitored_frame(df, spec)[0]
@@ -234,7 +278,7 @@ def compare(reference: pd.DataFrame, batches: dict[str, pd.DataFrame], model, sp
         elif spec.score_column in df.columns: p = pd.to_numeric(df[spec.score_column], errors='coerce').to_numpy(dtype=float)
         else: p = predict_scores(model, df[spec.inputs], spec.task)
         y = df[spec.target].to_numpy() if spec.target in df.columns and df[spec.target].notna().all() else None
-        out[name] = compare_batch(ref_X, ref_p, X, p, y, numeric, categorical, cfg, spec.task, ref_perf)
+        out[name] = compare_batch(ref_X, ref_p, X, p, y, numeric, categorical, cfg, spec.task, ref_perf, prof)
     v, rec = verdict(out)
     return {'verdict': v, 'headline': VERDICTS[v], 'retrain': v == 'retrain', 'recommendation': rec,
             'thresholds': {k: cfg[k] for k in cfg if k != 'prediction_log'},
