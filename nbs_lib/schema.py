@@ -4,7 +4,7 @@
 
 # %% ../notebooks/lib/10a_schema.ipynb #schema-imp
 from __future__ import annotations
-import datetime as dt, math, time, uuid
+import datetime as dt, math, operator, time, uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 import numpy as np
@@ -183,20 +183,24 @@ def _ok_few(v: list, f: FieldSpec) -> bool:
         if hhmm and x % 100 > 59: return False
     return True
 
+_NUMBER, _NUMBER_OR_NULL, _NONE = {float, int}, {float, int, type(None)}, type(None)
+
 def _ok_column(v: list, f: FieldSpec):
-    "The column `v` as numpy when each value keeps the record model's rule for `f`, else None."
+    "The column `v` as numpy when each value keeps the record model's rule for `f`, else None (its types checked by `map`, in C: no bool passes as an int)."
+    types = set(map(type, v))
     if f.kind == 'category':
-        ok = all((type(x) is str and 0 < len(x) <= 64) or (x is None and f.nullable) for x in v)
-        return np.array(v, dtype=object) if ok else None
+        if not types <= ({str, _NONE} if f.nullable else {str}): return None
+        s = [x for x in v if x is not None] if _NONE in types else v
+        return np.array(v, dtype=object) if not s or (min(map(len, s)) > 0 and max(map(len, s)) <= 64) else None
     if f.kind == 'float':
-        if not all(type(x) is float or type(x) is int or (x is None and f.nullable) for x in v): return None
-        if len(v) <= 16: return np.array([np.nan if x is None else x for x in v], dtype='float64') if _ok_few(v, f) else None
-        try: a = np.array([np.nan if x is None else x for x in v], dtype='float64')
+        if not types <= (_NUMBER_OR_NULL if f.nullable else _NUMBER): return None
+        if len(v) <= 16: return np.array(v, dtype='float64') if _ok_few(v, f) else None  # None becomes NaN
+        try: a = np.array(v, dtype='float64')
         except OverflowError: return None
         x = a[~np.isnan(a)]
         if not np.isfinite(x).all(): return None
     else:
-        if not all(type(x) is int for x in v): return None
+        if types != {int}: return None
         if len(v) <= 16: return np.array(v, dtype='int64') if all(-2**63 <= x < 2**63 for x in v) and _ok_few(v, f) else None
         try: a = x = np.array(v, dtype='int64')
         except OverflowError: return None
@@ -212,10 +216,11 @@ def parse_records(body: bytes, FIELDS: dict[str, FieldSpec], max_batch: int, dat
     except orjson.JSONDecodeError: return None
     if type(d) is not dict or d.keys() != {'records'}: return None
     recs, keys = d['records'], FIELDS.keys()
-    if type(recs) is not list or not 0 < len(recs) <= max_batch or not all(type(r) is dict and r.keys() == keys for r in recs): return None
+    if type(recs) is not list or not 0 < len(recs) <= max_batch or set(map(type, recs)) != {dict}: return None
+    if not all(map(keys.__eq__, map(dict.keys, recs))): return None  # exactly the fields, each record
     cols = {}
-    for c, f in FIELDS.items():
-        if (a := _ok_column([r[c] for r in recs], f)) is None: return None
+    for (c, f), v in zip(FIELDS.items(), zip(*map(operator.itemgetter(*keys), recs)) if len(keys) > 1 else [[r[c] for r in recs] for c in keys]):
+        if (a := _ok_column(list(v), f)) is None: return None
         cols[c] = a
     if date:
         try:
