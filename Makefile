@@ -198,7 +198,7 @@ container: setup ## build the Bento, then its image with docker, podman or build
 serve: setup ## serve the MLflow champion on http://127.0.0.1:3000 (after the gate: make register)
 	$(BIN)/nbs serve run
 
-bench-serving: data ## benchmark the service: HTTP vs in-process, latency p50/p99, batching on/off
+bench-serving: data ## benchmark the service: batches over HTTP vs in-process; single rows under wrk vs a bare Starlette endpoint, BentoML's path, 2 workers
 	$(HAVE_BENCH)
 	$(BIN)/python bench/bench_serving.py
 

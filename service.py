@@ -1,9 +1,10 @@
-"""The BentoML service: the MLflow champion behind /predict (JSON records, adaptive batching) and /predict_file
+"""The BentoML service: the MLflow champion behind /predict (JSON records: answered by the service's hot path,
+nbs_lib.serving.HotPath, or with serve.hot_path false by BentoML's API path with adaptive batching) and /predict_file
 (a parquet or CSV file). Its logic lives in nbs_lib.serving (notebooks/lib/10_serving.ipynb and 10a-10d); its request schema is
 generated from the data spec (`table:` in params.yaml); its parameters are the `serve:` stage; its build options
 and description live in bentofile.yaml. `make serve` imports the champion from MLflow and runs `bentoml serve` on it."""
 from __future__ import annotations
-import os
+import gc, os
 # one OpenMP thread per model call (before scikit-learn loads): a worker's calls do not oversubscribe the cores,
 # throughput scales with serve.workers instead. 2 threads on a busy 2-core box made predict_proba 20x slower.
 os.environ.setdefault('OMP_NUM_THREADS', '1')
@@ -18,12 +19,18 @@ except S.UserError as e: raise SystemExit(f"error: {e}") from None
 Record = schema.record_model(CFG.spec, CFG.categories, CFG.example)
 Records = schema.request_type(Record, CFG.s['max_batch'])
 Prediction = CFG.Prediction
+LIVE = S.Live()  # the instance's Runtime, for the hot path (nbs_lib.serving.HotPath)
 # hostile clients (issue 18): a deadline for each request's headers (slow-loris), one WARNING line per bad request
 guard.guard_connections(CFG.s['header_timeout_s'], CFG.s['keep_alive_s'])
 guard.quiet_client_errors()
 
 
-@bentoml.service(name=BENTO['name'], workers=CFG.s['workers'], traffic={'timeout': CFG.s['timeout_s']})
+# serve.hot_path: /predict is left out of BentoML's OpenTelemetry spans, which cost more per request than scoring does
+# (bench/results-serving.md); /predict_file and the rest keep them. BentoML exports no span unless tracing is configured.
+TRACING = {'excluded_urls': [r'/predict(\?|$)']} if CFG.s['hot_path'] else {}
+
+
+@bentoml.service(name=BENTO['name'], workers=CFG.s['workers'], traffic={'timeout': CFG.s['timeout_s']}, tracing=TRACING)
 class Predictor:
     """The registered champion of this project, scoring the raw input columns of the data spec."""
     champion = bentoml.models.BentoModel(CFG.champion.tag)
@@ -31,6 +38,10 @@ class Predictor:
 
     def __init__(self) -> None:
         self.rt = S.Runtime(CFG)
+        LIVE.runtime = self.rt
+        # what start-up made (models, BentoML, pydantic) is left out of the cyclic GC's scans: a full collection then walks
+        # only the requests' objects (its pauses made p99 at 64 connections ~1.5-2x worse, bench/results-serving.md)
+        gc.collect(); gc.freeze()
 
     @bentoml.api(batchable=CFG.s['batching'], max_batch_size=CFG.s['max_batch_size'], max_latency_ms=CFG.s['max_latency_ms'])
     def predict(self, records: Records) -> list[Prediction]:
@@ -47,6 +58,7 @@ class Predictor:
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
+        LIVE.runtime = None
         self.rt.close()
 
 
@@ -55,3 +67,9 @@ Predictor.add_asgi_middleware(guard.RequestGuard, max_body_mb=CFG.s['max_body_mb
                               info=S.docs_info(CFG, BENTO))
 # a malformed multipart body answers 400 here; inside BentoML it would be a 500 (see nbs_lib.guard.MultipartCheck)
 Predictor.add_asgi_middleware(guard.MultipartCheck)
+# innermost: a JSON POST /predict is answered here (serve.hot_path), without BentoML's per-request machinery; the same
+# records, the same 400 answers (the API's own request model decides when the column checks fail), the same Runtime
+if CFG.s['hot_path']:
+    Predictor.add_asgi_middleware(S.HotPath, live=LIVE, request_model=Predictor.apis['predict'].input_spec, fields=schema.fields(CFG.spec),
+                                  max_batch=CFG.s['max_batch'], date=tuple(CFG.spec.date) if CFG.spec.date else None,
+                                  server=f"BentoML Service/{BENTO['name']}")

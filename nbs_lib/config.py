@@ -199,6 +199,7 @@ class Serve(_Stage):
     reload_s: Num = Field(2.0, ge=0)
     canary: Canary = Canary()
     runtime: Literal['auto', 'sklearn', 'onnx'] = 'auto'
+    hot_path: StrictBool = True
 
     @model_validator(mode='after')
     def _batch(self):

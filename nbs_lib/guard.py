@@ -4,7 +4,7 @@
 
 # %% ../notebooks/lib/10d_guard.ipynb #guard-imp
 from __future__ import annotations
-import json, logging, time
+import json, logging
 from pathlib import Path
 from .config import DataError
 
@@ -170,19 +170,27 @@ class RequestGuard:
             return await _answer(send, 413, f'request body of {int(size):,} bytes, more than serve.max_body_mb={self.max_body / 2**20:g} MiB')
         if scope['path'] in self.upload_paths and not headers.get(b'content-type', b'').lower().startswith(b'multipart/form-data'):
             return await _answer(send, 400, "send the file as multipart/form-data in the field 'file' (curl -F file=@rows.parquet); a URL or path is never fetched")
-        import asyncio, tempfile
-        with tempfile.SpooledTemporaryFile(max_size=1 << 20) as body:
-            n, more, deadline = 0, True, time.monotonic() + self.body_timeout
-            while more:
-                try: msg = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
-                except asyncio.TimeoutError:
-                    return await _answer(send, 408, f'request body not received within serve.timeouts.body_s={self.body_timeout:g} s')
-                if msg['type'] == 'http.disconnect':  # nobody to answer: counted and logged as the client's error
-                    return await _answer(send, 499, 'client closed the request before sending its body')
-                data = msg.get('body', b''); n += len(data); more = msg.get('more_body', False)
-                if n > self.max_body:
-                    return await _answer(send, 413, f'request body over serve.max_body_mb={self.max_body / 2**20:g} MiB')
-                body.write(data)
+        import asyncio, io, tempfile
+        # the body: in memory up to 1 MiB, then in a temporary file; one deadline for all of it (a timer, not a task per chunk)
+        chunks, spool, n, more, status = [], None, 0, True, None
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while more:
+                    msg = await receive()
+                    if msg['type'] == 'http.disconnect': status = 499; break
+                    data = msg.get('body', b''); n += len(data); more = msg.get('more_body', False)
+                    if n > self.max_body: status = 413; break
+                    if spool is not None: spool.write(data)
+                    elif n > 1 << 20:
+                        spool = tempfile.SpooledTemporaryFile(max_size=1 << 20); spool.write(b''.join(chunks)); spool.write(data); chunks = None
+                    else: chunks.append(data)
+        except TimeoutError: status = 408
+        if status is not None:
+            if spool is not None: spool.close()
+            if status == 408: return await _answer(send, 408, f'request body not received within serve.timeouts.body_s={self.body_timeout:g} s')
+            if status == 499: return await _answer(send, 499, 'client closed the request before sending its body')  # counted and logged as the client's error
+            return await _answer(send, 413, f'request body over serve.max_body_mb={self.max_body / 2**20:g} MiB')
+        with spool if spool is not None else io.BytesIO(b''.join(chunks)) as body:
             body.seek(0); done = False
             async def replay():
                 nonlocal done

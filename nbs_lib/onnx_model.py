@@ -129,9 +129,15 @@ def to_onnx(model):
     onnx.checker.check_model(m)
     return m
 
-def feeds(X: pd.DataFrame, inputs: list[str], categorical: list[str]) -> dict:
-    "onnxruntime's inputs for frame X: categories as text (missing: '' when no category is '', scored as unknown), the rest as double [N, 1]."
+def feeds(X: pd.DataFrame | dict, inputs: list[str], categorical: list[str]) -> dict:
+    "onnxruntime's inputs for frame X (or numpy columns): categories as text (missing: '' when no category is '', scored as unknown), the rest as double [N, 1]."
     out = {}
+    if isinstance(X, dict):  # numpy columns (nbs_lib.schema.records_columns): no pandas on a request's path
+        for c in inputs:
+            v = X[c]
+            out[c] = (np.array(['' if x is None else x for x in v.tolist()], dtype=object) if c in categorical else
+                      np.asarray(v, dtype=np.float64)).reshape(-1, 1)
+        return out
     for c in inputs:
         s = X[c]
         if c in categorical: out[c] = np.where(s.isna().to_numpy(), '', s.astype(str).to_numpy()).astype(object).reshape(-1, 1)

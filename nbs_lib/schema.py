@@ -4,7 +4,7 @@
 
 # %% ../notebooks/lib/10a_schema.ipynb #schema-imp
 from __future__ import annotations
-import datetime as dt, time, uuid
+import datetime as dt, math, operator, time, uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 import numpy as np
@@ -15,7 +15,7 @@ from .data import DataSpec
 
 # %% auto #0
 __all__ = ['DTYPES', 'FieldSpec', 'fields', 'known_keys', 'RecordBase', 'record_model', 'request_type', 'check_frame',
-           'records_frame']
+           'records_columns', 'columns_frame', 'records_frame', 'parse_records']
 
 # %% ../notebooks/lib/10a_schema.ipynb #2b468de9
 @dataclass(frozen=True)
@@ -151,13 +151,79 @@ def check_frame(df: pd.DataFrame, spec: DataSpec, max_rows: int | None = None) -
         if dates.isna().any(): raise DataError(f"column '{d}': not a day of its {y} and {m} in {_first(dates.isna(), X[d])}")
     return X
 
-def records_frame(records: list, FIELDS: dict[str, FieldSpec]) -> pd.DataFrame:
-    "Validated records (pydantic models or dicts) as a frame of the input columns (the `fields`) with the training dtypes."
+def records_columns(records: list, FIELDS: dict[str, FieldSpec]) -> dict[str, np.ndarray]:
+    "Validated records (pydantic models or dicts) as numpy columns: categories as objects (None kept), numbers as float64 (NaN) or int64."
     rows = [r if isinstance(r, dict) else r.__dict__ for r in records]
     cols = {}
     for c, f in FIELDS.items():
         v = [row[c] for row in rows]
-        if f.kind == 'category': cols[c] = pd.array(v, dtype='str')
+        if f.kind == 'category': cols[c] = np.array(v, dtype=object)
         elif f.kind == 'float': cols[c] = np.array([np.nan if x is None else x for x in v], dtype='float64')
         else: cols[c] = np.array(v, dtype='int64')
-    return pd.DataFrame(cols)
+    return cols
+
+def columns_frame(cols: dict[str, np.ndarray], FIELDS: dict[str, FieldSpec]) -> pd.DataFrame:
+    "Numpy columns (`records_columns`) as a frame with the training dtypes."
+    return pd.DataFrame({c: pd.array(cols[c], dtype='str') if f.kind == 'category' else cols[c] for c, f in FIELDS.items()})
+
+def records_frame(records: list, FIELDS: dict[str, FieldSpec]) -> pd.DataFrame:
+    "Validated records (pydantic models or dicts) as a frame of the input columns (the `fields`) with the training dtypes."
+    return columns_frame(records_columns(records, FIELDS), FIELDS)
+
+# %% ../notebooks/lib/10a_schema.ipynb #svc-parse
+def _ok_few(v: list, f: FieldSpec) -> bool:
+    "Whether the numbers `v` (a few, of the right types) keep the bounds of `f`: plain Python, cheaper than numpy for a few values."
+    lo, hi, gt, hhmm = f.lo, f.hi, f.gt, f.kind == 'hhmm'
+    for x in v:
+        if x is None: continue
+        if type(x) is float and not math.isfinite(x): return False
+        if type(x) is int and f.kind == 'float' and abs(x) > 2**53: return False  # as a float it would not be exact
+        if lo is not None and (x <= lo if gt else x < lo): return False
+        if hi is not None and x > hi: return False
+        if hhmm and x % 100 > 59: return False
+    return True
+
+_NUMBER, _NUMBER_OR_NULL, _NONE = {float, int}, {float, int, type(None)}, type(None)
+
+def _ok_column(v: list, f: FieldSpec):
+    "The column `v` as numpy when each value keeps the record model's rule for `f`, else None (its types checked by `map`, in C: no bool passes as an int)."
+    types = set(map(type, v))
+    if f.kind == 'category':
+        if not types <= ({str, _NONE} if f.nullable else {str}): return None
+        s = [x for x in v if x is not None] if _NONE in types else v
+        return np.array(v, dtype=object) if not s or (min(map(len, s)) > 0 and max(map(len, s)) <= 64) else None
+    if f.kind == 'float':
+        if not types <= (_NUMBER_OR_NULL if f.nullable else _NUMBER): return None
+        if len(v) <= 16: return np.array(v, dtype='float64') if _ok_few(v, f) else None  # None becomes NaN
+        try: a = np.array(v, dtype='float64')
+        except OverflowError: return None
+        x = a[~np.isnan(a)]
+        if not np.isfinite(x).all(): return None
+    else:
+        if types != {int}: return None
+        if len(v) <= 16: return np.array(v, dtype='int64') if all(-2**63 <= x < 2**63 for x in v) and _ok_few(v, f) else None
+        try: a = x = np.array(v, dtype='int64')
+        except OverflowError: return None
+        if f.kind == 'hhmm' and (x % 100 > 59).any(): return None
+    if f.lo is not None and ((x <= f.lo) if f.gt else (x < f.lo)).any(): return None
+    if f.hi is not None and (x > f.hi).any(): return None
+    return a
+
+def parse_records(body: bytes, FIELDS: dict[str, FieldSpec], max_batch: int, date: tuple | None = None) -> dict[str, np.ndarray] | None:
+    "The numpy columns of a JSON body `{\"records\": [...]}` when every record keeps every rule of the record model; None otherwise (let pydantic name the problem)."
+    import orjson
+    try: d = orjson.loads(body)
+    except orjson.JSONDecodeError: return None
+    if type(d) is not dict or d.keys() != {'records'}: return None
+    recs, keys = d['records'], FIELDS.keys()
+    if type(recs) is not list or not 0 < len(recs) <= max_batch or set(map(type, recs)) != {dict}: return None
+    if not all(map(keys.__eq__, map(dict.keys, recs))): return None  # exactly the fields, each record
+    cols = {}
+    for (c, f), v in zip(FIELDS.items(), zip(*map(operator.itemgetter(*keys), recs)) if len(keys) > 1 else [[r[c] for r in recs] for c in keys]):
+        if (a := _ok_column(list(v), f)) is None: return None
+        cols[c] = a
+    if date:
+        try:
+            for y, m, dd in zip(*(cols[c].tolist() for c in date)): dt.date(y, m, dd)
+        except (ValueError, TypeError): return None
+    return cols

@@ -19,13 +19,14 @@ from .config import DataError, ParamsError, UserError, load_params, project_root
 from .data import DataSpec
 from .guard import check_upload
 from .predlog import PredictionLog
-from .schema import check_frame, fields, records_frame
+from .schema import check_frame, fields, parse_records, records_columns, records_frame
 from .scoring import Scorer, fitted_categories
 
 # %% auto #0
 __all__ = ['ALIASES', 'KEY_METRICS', 'ENGINES', 'serve_params', 'aliases', 'bentofile', 'bento_model_name', 'bentoml_home',
            'resolve_alias', 'import_alias', 'ServiceConfig', 'service_config', 'prediction_model', 'canary_mask',
-           'Runtime', 'docs_info', 'container_engine', 'build_bento', 'dockerfile', 'main', 'set_canary', 'canary_main']
+           'Runtime', 'Live', 'HotPath', 'docs_info', 'container_engine', 'build_bento', 'dockerfile', 'main',
+           'set_canary', 'canary_main']
 
 # %% ../notebooks/lib/10_serving.ipynb #714ec471
 def serve_params(p: dict) -> dict:
@@ -260,16 +261,16 @@ class Runtime:
         if shadow and self._shadow is not None: self._shadow.submit(self._score_shadow, X, rids, received)
         return p
 
-    def _routed(self, X: pd.DataFrame, rids, received) -> tuple[np.ndarray, list, list]:
-        "(scores, version, unknown categories) of each row: the canary's rows by the challenger, the others by the champion."
+    def _routed(self, X: pd.DataFrame | dict, rids, received) -> tuple[np.ndarray, list, list]:
+        "(scores, version, unknown categories) of each row of a frame or numpy columns: the canary's rows by the challenger, the others by the champion."
         m, ch = self.champion, self.challenger  # one model of each for the whole call
-        frac, seed = self.canary
-        mask = canary_mask(rids, frac, seed) if ch is not None and frac > 0 else np.zeros(len(X), bool)
-        p, versions, unknown = np.empty(len(X)), [None] * len(X), [None] * len(X)
+        frac, seed, n = *self.canary, len(rids)
+        mask = canary_mask(rids, frac, seed) if ch is not None and frac > 0 else np.zeros(n, bool)
+        p, versions, unknown = np.empty(n), [None] * n, [None] * n
         for model, sel in ((m, ~mask), (ch, mask)):
             idx = np.flatnonzero(sel)
             if not len(idx): continue
-            Xi = X if len(idx) == len(X) else X.iloc[idx]
+            Xi = X if len(idx) == n else ({c: v[idx] for c, v in X.items()} if isinstance(X, dict) else X.iloc[idx])
             p[idx] = self._score(model, Xi, [rids[i] for i in idx], [received[i] for i in idx], shadow=model is m)
             for i, u in zip(idx, model.unknown(Xi)): versions[i], unknown[i] = model.version, u
         return p, versions, unknown
@@ -281,18 +282,20 @@ class Runtime:
         except Exception:  # the challenger never affects answers
             logging.getLogger(__name__).exception('shadow scoring failed')
 
+    def answers(self, X: dict, rids: list, received: list) -> list[dict]:
+        "The answers (dicts with the fields of `Prediction`, in its order) for numpy columns of validated records, scored and logged."
+        p, versions, unknown = self._routed(X, rids, received); th = self.champion.threshold  # one threshold (serve params)
+        if not self.binary:
+            return [{'prediction': q, 'model_version': v, 'request_id': r, 'unknown_categories': u} for q, v, r, u in zip(p.tolist(), versions, rids, unknown)]
+        return [{'probability': q, 'decision': q >= th, 'model_version': v, 'request_id': r, 'unknown_categories': u}
+                for q, v, r, u in zip(p.tolist(), versions, rids, unknown)]
+
     def predict(self, records: list) -> list:
         "Predictions for validated records (possibly several requests merged by adaptive batching)."
-        X = records_frame(records, self.fields)
         rids = [r._request_id or uuid.uuid4().hex for r in records]
         received = [r._received or time.time() for r in records]
-        p, versions, unknown = self._routed(X, rids, received); th = self.champion.threshold  # one threshold (serve params)
         # model_construct: every field is built here with its type, so pydantic's validation of each answer is skipped
-        if not self.binary:
-            return [self.Prediction.model_construct(prediction=q, model_version=v, request_id=r, unknown_categories=u)
-                    for q, v, r, u in zip(p.tolist(), versions, rids, unknown)]
-        return [self.Prediction.model_construct(probability=q, decision=q >= th, model_version=v, request_id=r, unknown_categories=u)
-                for q, v, r, u in zip(p.tolist(), versions, rids, unknown)]
+        return [self.Prediction.model_construct(**a) for a in self.answers(records_columns(records, self.fields), rids, received)]
 
     def predict_file(self, path: Path, out_dir: str | Path) -> Path:
         "Score a parquet or CSV file; the scored rows (its columns + probability and decision, or prediction; model_version) in the same format."
@@ -313,6 +316,58 @@ class Runtime:
         self._stop.set()
         if self._shadow is not None: self._shadow.shutdown(wait=True)
         self.log.close()
+
+# %% ../notebooks/lib/10_serving.ipynb #srv-hot
+class Live:
+    "The service instance's runtime while it serves (`runtime`, None before start and after shutdown), for ASGI code outside the API."
+    runtime = None
+
+async def _send_json(send, status: int, body: bytes, headers: list) -> None:
+    await send({'type': 'http.response.start', 'status': status,
+                'headers': [(b'content-type', b'application/json'), (b'content-length', str(len(body)).encode()), *headers]})
+    await send({'type': 'http.response.body', 'body': body})
+
+class HotPath:
+    "ASGI middleware: a JSON `POST path` scored by `live.runtime.answers` (records checked by `parse_records`, else by `request_model`); the rest goes on to the app."
+    def __init__(self, app, live: Live, request_model, fields: dict, max_batch: int, date: tuple | None = None, path: str = '/predict',
+                 inline_rows: int = 64, server: str = 'BentoML Service') -> None:
+        self.app, self.live, self.model, self.fields, self.max_batch, self.date = app, live, request_model, fields, max_batch, date
+        self.path, self.inline_rows, self.server = path, inline_rows, server.encode()
+
+    def _ours(self, scope) -> bool:
+        if scope['type'] != 'http' or scope['path'] != self.path or scope['method'] != 'POST' or self.live.runtime is None: return False
+        ctype = dict(scope.get('headers', ())).get(b'content-type', b'application/json')
+        return ctype.split(b';')[0].strip().lower() == b'application/json'  # as BentoML: no Content-Type is JSON
+
+    async def __call__(self, scope, receive, send) -> None:
+        if not self._ours(scope): return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            msg = await receive()
+            if msg['type'] == 'http.disconnect': return
+            chunks.append(msg.get('body', b'')); more = msg.get('more_body', False)
+        body = b''.join(chunks)
+        headers = [(b'server', self.server)]
+        from bentoml._internal.context import trace_context
+        if trace_context.request_id is not None: headers.append((b'x-bentoml-request-id', format(trace_context.request_id, '016x').encode()))
+        cols = parse_records(body, self.fields, self.max_batch, self.date)
+        if cols is None:  # the request model decides, and names the problem
+            from pydantic import ValidationError
+            try: cols = records_columns(self.model.model_validate_json(body or b'{}').records, self.fields)
+            except ValidationError as exc:
+                from bentoml._internal.server.http_app import log_exception
+                from starlette.requests import Request
+                log_exception(Request(scope))  # one WARNING line (nbs_lib.guard.QuietClientErrors), as BentoML's own path
+                err = {'error': f'{exc.error_count()} validation error for {exc.title}', 'detail': exc.errors(include_context=False, include_input=False)}
+                return await _send_json(send, 400, json.dumps(err, ensure_ascii=False, separators=(',', ':')).encode(), headers)
+        import orjson
+        rt, n = self.live.runtime, len(next(iter(cols.values())))
+        rids, received = [uuid.uuid4().hex] * n, [time.time()] * n  # one request: one id
+        if n <= self.inline_rows: out = rt.answers(cols, rids, received)  # a few rows: a thread hop costs more than the call
+        else:
+            import anyio
+            out = await anyio.to_thread.run_sync(rt.answers, cols, rids, received)
+        await _send_json(send, 200, orjson.dumps(out), headers)
 
 # %% ../notebooks/lib/10_serving.ipynb #srv-docs
 def docs_info(cfg, bento: dict) -> dict:
