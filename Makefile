@@ -98,11 +98,16 @@ dag: setup ## draw the DAG offline, with each task's status: build/pipeline.html
 
 # bench/ holds the template's own benchmarks (of its worked example); a project made by `make new` has none
 HAVE_BENCH = @test -d bench || { echo "error: no bench/ here: the workflow's benchmarks live in the template repository (make new leaves them out)" >&2; exit 2; }
+# the serving benchmark's outside load client: Debian's wrk, installed when missing and we may (root, apt); else its rows say why they are skipped
+HAVE_WRK = @command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	{ echo "installing wrk (apt-get)"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }; } || true; }
 
 bench: setup data ## every benchmark with a goal, each against its baseline in the same run, then one table into the README (about 45 min)
 	$(HAVE_BENCH)
 	$(BIN)/python bench/bench_pipeline.py --repeats 3 --full
 	$(BIN)/python bench/bench_noop.py
+	$(HAVE_WRK)
 	$(BIN)/python bench/bench_serving.py
 	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_suite.py
@@ -200,6 +205,7 @@ serve: setup ## serve the MLflow champion on http://127.0.0.1:3000 (after the ga
 
 bench-serving: data ## benchmark the service: batches over HTTP vs in-process; single rows under wrk vs a bare Starlette endpoint, BentoML's path, 2 workers
 	$(HAVE_BENCH)
+	$(HAVE_WRK)
 	$(BIN)/python bench/bench_serving.py
 
 .PHONY: monitor retrain
