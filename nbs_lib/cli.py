@@ -293,9 +293,15 @@ def check_all(p: dict) -> dict:
     model_from_params(p); build_grid(p)
     return p
 
+def _exit_now(code: int) -> None:
+    "End the process at once, output flushed: what normal exit would add after a build is teardown (each task's IPython shell resets its namespace with a full garbage collection, then the interpreter frees every module), seconds with nothing left to write."
+    import logging
+    logging.shutdown(); sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)
+
 def main(argv: list[str] | None = None) -> int:
     "The `nbs` command: `nbs build [--force] [-v]`, `nbs data`, `nbs check`, `nbs dag`, and the verbs of SUBCOMMANDS."
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv_given, argv = argv, list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         offline_env()
         try: return _dispatch(argv[0], argv[1:])
@@ -328,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             print('\n'.join(task_lines(st)))
             print(f"build done in {time.perf_counter()-t0:.1f}s: ran {', '.join(ran) if ran else 'nothing (all up to date)'}")
             print(summary())
+            if argv_given is None and ran: _exit_now(0)  # the `nbs` command itself: skip the teardown (see above)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr); return 2
