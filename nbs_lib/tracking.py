@@ -320,8 +320,7 @@ def log_model(model, input_example, name: str = 'model', task: str = 'binary'):
     return mlflow.sklearn.log_model(model, name=name, signature=sig, input_example=input_example,
                                     serialization_format='skops', skops_trusted_types=trusted,
                                     pip_requirements=model_requirements(), pyfunc_predict_fn=predict,
-                                    code_paths=[str(Path(nbs_lib.__file__).parent)],
-                                    validate_serving_input=False)  # MLflow would reload the model and score the example: a second load per run
+                                    code_paths=[str(Path(nbs_lib.__file__).parent)])
 
 def load_model(uri: str):
     "The sklearn Pipeline behind a model URI (models:/m-<id>, models:/name@alias, runs:/...)."
