@@ -11,8 +11,9 @@ from .project import UserError, load_params, project_root, raw_files, tracking_u
 from .tasks import OFFLINE_ENV, dag_spec, expected_warnings, failure_line, notebook_error, offline_env, pipeline_tasks
 
 # %% auto #0
-__all__ = ['WARM_MODULES', 'SUBCOMMANDS', 'activate_env', 'fingerprint', 'keep_fingerprint', 'BuildReport', 'build', 'task_lines',
-           'summary', 'dag_layout', 'dag_svg', 'dag_page', 'write_dag', 'check_all', 'main']
+__all__ = ['WARM_MODULES', 'SUBCOMMANDS', 'activate_env', 'fingerprint', 'keep_fingerprint', 'BuildReport', 'metrics_text',
+           'watch_metrics', 'build', 'task_lines', 'summary', 'dag_layout', 'dag_svg', 'dag_page', 'write_dag',
+           'check_all', 'main']
 
 # %% ../notebooks/lib/06_cli.ipynb #4b9ad724
 _MARK = '# nbs_lib project environment'
@@ -139,6 +140,26 @@ def _quiet_logs(verbose: bool) -> None:
     # MLflow's INFO lines (creating the store's tables on first use, ...) are for -v
     for name in ('mlflow', 'alembic'): logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
+def metrics_text(test: dict) -> str:
+    "The headline test metrics of metrics.json's `test`, on one line."
+    keys = [k for k in ('roc_auc', 'log_loss', 'f1', 'rmse', 'mae', 'r2') if k in test]
+    return ' '.join(f'{k}={test[k]:.4f}' for k in keys)
+
+def watch_metrics(path: Path, since: float, interval: float = 0.2, out=print):
+    "Print the test metrics once `path` (metrics.json) is written after `since` (a time.time()), from a daemon thread: evaluate writes them before its extras, and the build goes on. Returns a function that stops the watch."
+    import threading
+    stop = threading.Event()
+    def poll():
+        while not stop.wait(interval):
+            try:
+                if path.stat().st_mtime < since: continue
+                m = json.loads(path.read_text())['test']
+            except (OSError, ValueError, KeyError, TypeError): continue
+            out(f"  test metrics ready: {metrics_text(m)}  ({path.name}; the build goes on: importance, plots, monitor)", flush=True); return
+    t = threading.Thread(target=poll, daemon=True); t.start()
+    def end(): stop.set(); t.join()
+    return end
+
 def build(force: bool = False, root: Path | None = None, quiet: bool = False, verbose: bool = False) -> BuildReport:
     "Check params.yaml, then run the Ploomber pipeline in `root`; returns {task: status}. Raises UserError on failure. Progress bars only when `verbose`."
     offline_env()
@@ -154,6 +175,7 @@ def build(force: bool = False, root: Path | None = None, quiet: bool = False, ve
     model_from_params(params)  # hyperparameters are checked against the estimator before anything runs
     cwd = os.getcwd(); os.chdir(root)
     lock = _build_lock(root); verbose = verbose and not quiet
+    unwatch = (lambda: None) if quiet else watch_metrics(root/'build'/'evaluate'/'metrics.json', time.time())
     try:
         fp.unlink(missing_ok=True)
         _warm_up(); _quiet_logs(verbose)  # after mlflow's import, which sets its loggers' level
@@ -185,7 +207,7 @@ def build(force: bool = False, root: Path | None = None, quiet: bool = False, ve
         out.seconds = {n: s for n, ran, s in zip(d['name'], d['Ran?'], d['Elapsed (s)']) if ran}
         return out
     finally:
-        os.chdir(cwd); lock.close()
+        unwatch(); os.chdir(cwd); lock.close()
 
 def task_lines(st: dict) -> list[str]:
     "One line per task of a build: ran (and how long) or up to date."
@@ -199,9 +221,7 @@ def summary(root: Path | None = None) -> str:
     lines = [f"executed notebooks: {root/'build'/'notebooks'} (.ipynb and .html)"]
     mf = root/'build'/'evaluate'/'metrics.json'
     if mf.exists():
-        m = json.loads(mf.read_text())['test']
-        keys = [k for k in ('roc_auc', 'log_loss', 'f1', 'rmse', 'mae', 'r2') if k in m]
-        lines.append(f"test metrics: {mf}  ({' '.join(f'{k}={m[k]:.4f}' for k in keys)})")
+        lines.append(f"test metrics: {mf}  ({metrics_text(json.loads(mf.read_text())['test'])})")
     rf = root/'build'/'train'/'run.json'
     if rf.exists():
         r = json.loads(rf.read_text())
@@ -305,9 +325,15 @@ def check_all(p: dict) -> dict:
     model_from_params(p); build_grid(p)
     return p
 
+def _exit_now(code: int) -> None:
+    "End the process at once, output flushed: what normal exit would add after a build is teardown (each task's IPython shell resets its namespace with a full garbage collection, then the interpreter frees every module), seconds with nothing left to write."
+    import logging
+    logging.shutdown(); sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)
+
 def main(argv: list[str] | None = None) -> int:
     "The `nbs` command: `nbs build [--force] [-v]`, `nbs data`, `nbs check`, `nbs dag`, and the verbs of SUBCOMMANDS."
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv_given, argv = argv, list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         offline_env()
         try: return _dispatch(argv[0], argv[1:])
@@ -344,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             print('\n'.join(task_lines(st)))
             print(f"build done in {time.perf_counter()-t0:.1f}s: ran {', '.join(ran) if ran else 'nothing (all up to date)'}")
             print(summary())
+            if argv_given is None and ran: _exit_now(0)  # the `nbs` command itself: skip the teardown (see above)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr); return 2

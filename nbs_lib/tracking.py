@@ -15,8 +15,8 @@ from .versioning import dvc_tags, git as _git  # tracking depends on versioning,
 # %% auto #0
 __all__ = ['HTTP_DEFAULTS', 'EXPERIMENT_TAGS', 'EXPLORE', 'TABLE_SUFFIXES', 'CONTEXTS', 'STAYS_OPEN', 'MODEL_PACKAGES',
            'check_reachable', 'diagnose', 'setup_tracking', 'git_state', 'git_post_save', 'lineage_tags', 'flatten',
-           'source_tags', 'describe_run', 'log_datasets', 'log_params_once', 'start_run', 'active', 'finish_run',
-           'log_files', 'watch_run', 'model_requirements', 'log_model', 'load_model', 'task_stages',
+           'source_tags', 'describe_run', 'table_schema', 'log_datasets', 'log_params_once', 'start_run', 'active',
+           'finish_run', 'log_files', 'watch_run', 'model_requirements', 'log_model', 'load_model', 'task_stages',
            'log_build_notebooks', 'close_open_runs', 'fail_run']
 
 # %% ../notebooks/lib/05_tracking.ipynb #a2047878
@@ -181,6 +181,19 @@ def _local_source(path, root: Path):
         def from_dict(cls, source_dict: dict): return cls(source_dict['uri'])
     return ProjectFile(_rel(path, root))
 
+def table_schema(df):
+    "The MLflow schema `mlflow.types.utils._infer_schema(df)` infers, from the rows that decide it (MLflow looks at every value: seconds on a large table): the first rows, each column's first missing value and, in object or category columns, the first value of each Python type."
+    import numpy as np, pandas as pd
+    from mlflow.types.utils import _infer_schema
+    rows = set(range(min(len(df), 100)))
+    for i in range(df.shape[1]):
+        s = df.iloc[:, i]; na = s.isna().to_numpy()
+        if na.any(): rows.add(int(na.argmax()))
+        if s.dtype.kind == 'O':  # object, category and string columns: MLflow infers their type value by value
+            kinds = pd.Series(np.asarray(s.map(type, na_action='ignore'), dtype=object))[~na]
+            rows.update(int(j) for j in kinds.drop_duplicates().index)
+    return _infer_schema(df.iloc[sorted(rows)])
+
 def log_datasets(run_id: str, inputs: dict, tags: dict, root: Path) -> list[str]:
     "Log each table in `inputs` as an MLflow dataset input (digest, schema, source, md5, the DVC sources of the raw data); returns their names."
     import pandas as pd
@@ -195,7 +208,10 @@ def log_datasets(run_id: str, inputs: dict, tags: dict, root: Path) -> list[str]
         import warnings, mlflow.data
         with warnings.catch_warnings():  # the schema keeps the table's integer columns as they are: MLflow's hint about them is for model signatures
             warnings.filterwarnings('ignore', message='Hint: Inferred schema contains integer column', category=UserWarning)
-            entity = mlflow.data.from_pandas(df, source=_local_source(path, root), name=name)._to_mlflow_entity()
+            ds = mlflow.data.from_pandas(df, source=_local_source(path, root), name=name)
+            try: ds.__dict__['schema'] = table_schema(df)  # the same schema, in milliseconds (None when MLflow cannot infer one)
+            except Exception: ds.__dict__['schema'] = None
+            entity = ds._to_mlflow_entity()
         itags = {'mlflow.data.context': CONTEXTS.get(name, name), 'md5': tags.get(f'data.{name}.md5') or md5(path),
                  **{k: v for k, v in dvc.items() if v}}
         MlflowClient().log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag(k, v) for k, v in itags.items()])])
