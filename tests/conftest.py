@@ -105,3 +105,28 @@ def fresh_project(tmp_path) -> Path:
 def built_copy(sample_project, tmp_path) -> Path:
     """A copy of the built sample project (products, ploomber metadata, MLflow store) that a test may change."""
     return copy_project(tmp_path/'built', src=sample_project, files=PROJECT_FILES + ['build', 'mlflow.db'])
+
+
+# `make test` runs on every core (pytest-xdist: -n auto --dist loadgroup, in pyproject.toml). A test that uses a module or
+# session fixture of its own file (a built registry, a running server, the team stack) runs on the worker that holds
+# that fixture, so it is built once; every other test goes to whichever worker is free. The longest first (slow tests
+# first within a file), so that the workers finish together: the order of the suite's costs on CI's 2 cores.
+LONGEST_FIRST = ['test_template.py', 'test_pipeline.py', 'test_serving.py', 'test_gate.py', 'test_sweep.py', 'test_team.py',
+                 'test_spec.py', 'test_repo.py', 'test_reliability.py', 'test_loop.py', 'test_versioning.py', 'test_deploy.py',
+                 'test_monitor.py', 'test_onnx.py', 'test_hostile.py', 'test_fuzz.py', 'test_project.py']
+
+
+def _own_fixture_file(item) -> str | None:
+    """The file of `item` when it uses a module or session fixture defined in a test file (not in conftest.py)."""
+    for defs in getattr(item, '_fixtureinfo').name2fixturedefs.values():
+        d = defs[-1]
+        if d.scope in ('module', 'session') and d.baseid.endswith('.py'): return d.baseid
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {f: i for i, f in enumerate(LONGEST_FIRST)}
+    for it in items:
+        group = _own_fixture_file(it)
+        if group: it.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda it: (rank.get(Path(str(it.fspath)).name, len(rank)), it.get_closest_marker('slow') is None))
