@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     r = subprocess.run(['make', '-s', 'test'], cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    log = xml.with_name('make-test.log'); log.write_text(r.stdout + r.stderr)  # the whole output, for a failure's details
     tail = [l for l in r.stdout.splitlines() if l.strip()][-1:] or ['(no output)']
     if not xml.exists():
         print(f"error: make test wrote no JUnit report (exit {r.returncode}): {tail[0]}\n{r.stderr[-2000:]}", file=sys.stderr); return 2
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     note = (f"\n`python bench/bench_suite.py` on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')} UTC, load average "
             f"{load0:.1f} before and {os.getloadavg()[0]:.1f} after; workers: {workers}. pytest said: {tail[0].strip()}\n")
     Path(a.out).write_text('# Test suite benchmark\n\n' + table + note)
-    print(table + note + f'written to {a.out}')
+    print(table + note + f'written to {a.out}; make test\'s output: {log}')
     return 0 if r.returncode == 0 else 1
 
 
