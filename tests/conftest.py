@@ -107,26 +107,25 @@ def built_copy(sample_project, tmp_path) -> Path:
     return copy_project(tmp_path/'built', src=sample_project, files=PROJECT_FILES + ['build', 'mlflow.db'])
 
 
-# `make test` runs on every core (pytest-xdist: -n auto --dist loadgroup, in pyproject.toml). A test that uses a module or
-# session fixture of its own file (a built registry, a running server, the team stack) runs on the worker that holds
-# that fixture, so it is built once; every other test goes to whichever worker is free. The longest first (slow tests
-# first within a file), so that the workers finish together: the order of the suite's costs on CI's 2 cores.
+# `make test` runs on every core (pytest-xdist: -n auto --dist loadfile, in pyproject.toml): each file on one worker, so
+# a file's module and session fixtures (a registry built from real runs, a running server, the team stack) are built
+# once and its tests keep their order. The longest files first (slow tests first within a file that has no fixture of
+# its own to keep in order), so that the workers finish together: the order of the suite's costs on CI's 2 cores.
 LONGEST_FIRST = ['test_template.py', 'test_pipeline.py', 'test_serving.py', 'test_gate.py', 'test_sweep.py', 'test_team.py',
                  'test_spec.py', 'test_repo.py', 'test_reliability.py', 'test_loop.py', 'test_versioning.py', 'test_deploy.py',
                  'test_monitor.py', 'test_onnx.py', 'test_hostile.py', 'test_fuzz.py', 'test_project.py']
 
 
-def _own_fixture_file(item) -> str | None:
-    """The file of `item` when it uses a module or session fixture defined in a test file (not in conftest.py)."""
-    for defs in getattr(item, '_fixtureinfo').name2fixturedefs.values():
-        d = defs[-1]
-        if d.scope in ('module', 'session') and d.baseid.endswith('.py'): return d.baseid
-    return None
+def _has_own_fixture(item) -> bool:
+    """Whether `item` uses a module or session fixture defined in its test file (its tests may depend on their order)."""
+    return any(d[-1].scope in ('module', 'session') and d[-1].baseid.endswith('.py')
+               for d in getattr(item, '_fixtureinfo').name2fixturedefs.values())
 
 
 def pytest_collection_modifyitems(config, items):
     rank = {f: i for i, f in enumerate(LONGEST_FIRST)}
-    for it in items:
-        group = _own_fixture_file(it)
-        if group: it.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda it: (rank.get(Path(str(it.fspath)).name, len(rank)), it.get_closest_marker('slow') is None))
+    own = {Path(str(it.fspath)).name for it in items if _has_own_fixture(it)}
+    def key(it):
+        f = Path(str(it.fspath)).name
+        return rank.get(f, len(rank)), f, f not in own and it.get_closest_marker('slow') is None
+    items.sort(key=key)
