@@ -367,8 +367,10 @@ def champion_lock(client, name: str, timeout_s: float = 300, stale_s: float = 90
             client.create_registered_model(lock, tags={'nbs.lock_owner': me, 'nbs.lock_since': f'{time.time():.3f}'},
                                            description=f"lock: {me} is moving the aliases of {name} (nbs register / nbs rollback); deleted when done")
             break
-        except MlflowException as e:
-            if e.error_code != 'RESOURCE_ALREADY_EXISTS': raise
+        except MlflowException as e:  # held by another gate; or the store busy (sqlite under concurrent writers): wait, as for a lock
+            busy = e.error_code in ('INTERNAL_ERROR', 'TEMPORARILY_UNAVAILABLE') or 'locked' in str(e)
+            if e.error_code != 'RESOURCE_ALREADY_EXISTS' and not (busy and time.monotonic() < deadline): raise
+            if busy: time.sleep(poll_s); continue
         try: held = client.get_registered_model(lock)
         except MlflowException: continue  # released in between: try again
         age = time.time() - float(held.tags.get('nbs.lock_since', 0) or 0)
