@@ -463,6 +463,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'nbs_lib.tasks.task_defaults': ('tasks.html#task_defaults', 'nbs_lib/tasks.py')},
             'nbs_lib.tracking': { 'nbs_lib.tracking._artifact_location': ('tracking.html#_artifact_location', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking._attach_notebook': ('tracking.html#_attach_notebook', 'nbs_lib/tracking.py'),
+                                  'nbs_lib.tracking._dumped_once': ('tracking.html#_dumped_once', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking._local_source': ('tracking.html#_local_source', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking._notebook_products': ('tracking.html#_notebook_products', 'nbs_lib/tracking.py'),
                                   'nbs_lib.tracking._rel': ('tracking.html#_rel', 'nbs_lib/tracking.py'),

@@ -316,11 +316,24 @@ def log_model(model, input_example, name: str = 'model', task: str = 'binary'):
     with warnings.catch_warnings():  # MLflow's hint about integer columns: the spec's ints are never null (a nullable int is held as float64)
         warnings.filterwarnings('ignore', message='Hint: Inferred schema contains integer column', category=UserWarning)
         sig = infer_signature(input_example, getattr(model, predict)(input_example))
-    trusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
-    return mlflow.sklearn.log_model(model, name=name, signature=sig, input_example=input_example,
-                                    serialization_format='skops', skops_trusted_types=trusted,
-                                    pip_requirements=model_requirements(), pyfunc_predict_fn=predict,
-                                    code_paths=[str(Path(nbs_lib.__file__).parent)])
+    data = skops.io.dumps(model)  # the types to trust are read from the dump, which the flavour then writes as it is
+    with _dumped_once(model, data):
+        return mlflow.sklearn.log_model(model, name=name, signature=sig, input_example=input_example,
+                                        serialization_format='skops', skops_trusted_types=skops.io.get_untrusted_types(data=data),
+                                        pip_requirements=model_requirements(), pyfunc_predict_fn=predict,
+                                        code_paths=[str(Path(nbs_lib.__file__).parent)])
+
+@contextlib.contextmanager
+def _dumped_once(model, data: bytes):
+    "While logging: skops.io.dump of `model` writes `data`, its dump already made (MLflow's sklearn flavour would serialize it again)."
+    import skops.io
+    dump = skops.io.dump
+    def dump_once(obj, file, *args, **kw):
+        if obj is not model or args or kw: return dump(obj, file, *args, **kw)
+        Path(file).write_bytes(data)
+    skops.io.dump = dump_once
+    try: yield
+    finally: skops.io.dump = dump
 
 def load_model(uri: str):
     "The sklearn Pipeline behind a model URI (models:/m-<id>, models:/name@alias, runs:/...)."
