@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # the share of the raw rows a test build keeps (pyproject's [tool.nbs] test_sample_frac; `nbs new` sets it for your data)
 SAMPLE_FRAC = float(tomllib.loads((ROOT/'pyproject.toml').read_text()).get('tool', {}).get('nbs', {}).get('test_sample_frac', 0.03))
+# a test build's params: that sample, and permutation importance on 300 rows (a second of evaluate a build, none of it checked)
+TEST_PARAMS = {'data.sample_frac': SAMPLE_FRAC, 'evaluate.importance_rows': 300}
 # what a project copy needs: the sources of the pipeline, not products or stores
 PROJECT_FILES = ['params.yaml', 'pipeline.yaml', 'pyproject.toml', 'requirements.lock', 'notebooks', 'nbs_lib', 'data/raw']
 OFFLINE = {'MLFLOW_DISABLE_TELEMETRY': 'true', 'BENTOML_DO_NOT_TRACK': 'true', 'DVC_NO_ANALYTICS': '1',
@@ -87,7 +89,7 @@ def metrics(root: Path) -> dict:
 def sample_project(tmp_path_factory) -> Path:
     """A project copy built once on a small sample of the real data; tests must not modify it."""
     root = copy_project(tmp_path_factory.mktemp('sample'))
-    set_params(root, **{'data.sample_frac': SAMPLE_FRAC})
+    set_params(root, **TEST_PARAMS)
     r = nbs(root, 'build')
     (root/'.build.stdout').write_text(r.stdout); (root/'.build.stderr').write_text(r.stderr)  # what a first build prints
     return root
@@ -97,7 +99,7 @@ def sample_project(tmp_path_factory) -> Path:
 def fresh_project(tmp_path) -> Path:
     """A project copy of this test's own, on the small sample, not built yet."""
     root = copy_project(tmp_path/'proj')
-    set_params(root, **{'data.sample_frac': SAMPLE_FRAC})
+    set_params(root, **TEST_PARAMS)
     return root
 
 
@@ -110,10 +112,11 @@ def built_copy(sample_project, tmp_path) -> Path:
 # `make test` runs on every core (pytest-xdist: -n auto --dist loadfile, in pyproject.toml): each file on one worker, so
 # a file's module and session fixtures (a registry built from real runs, a running server, the team stack) are built
 # once and its tests keep their order. The longest files first (slow tests first within a file that has no fixture of
-# its own to keep in order), so that the workers finish together: the order of the suite's costs on CI's 2 cores.
-LONGEST_FIRST = ['test_template.py', 'test_pipeline.py', 'test_serving.py', 'test_gate.py', 'test_sweep.py', 'test_team.py',
-                 'test_spec.py', 'test_repo.py', 'test_reliability.py', 'test_loop.py', 'test_versioning.py', 'test_deploy.py',
-                 'test_monitor.py', 'test_onnx.py', 'test_hostile.py', 'test_fuzz.py', 'test_project.py']
+# its own to keep in order), so that the workers finish together: the order of the suite's costs on CI's 2 cores
+# (bench/bench_suite.py). --no-loadscope-reorder keeps this order: by default xdist orders files by their number of tests.
+LONGEST_FIRST = ['test_pipeline.py', 'test_team.py', 'test_template.py', 'test_sweep.py', 'test_gate.py', 'test_deploy.py',
+                 'test_serving.py', 'test_onnx.py', 'test_versioning.py', 'test_spec.py', 'test_reliability.py', 'test_loop.py',
+                 'test_monitor.py', 'test_hostile.py', 'test_repo.py', 'test_fuzz.py', 'test_project.py']
 
 
 def _has_own_fixture(item) -> bool:

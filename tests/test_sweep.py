@@ -15,12 +15,6 @@ LR = ['--set', 'family=logistic_regression']
 TEST_METRICS = ['test_roc_auc', 'test_log_loss', 'test_brier', 'test_accuracy', 'test_f1']
 
 
-def _quick(root: Path) -> Path:
-    """Cheaper evaluation (permutation importance on fewer rows): the features of the build stay valid."""
-    set_params(root, **{'evaluate.importance_rows': 300})
-    return root
-
-
 def _store(root: Path, uri: str | None = None):
     c = MlflowClient(uri or f"sqlite:///{root/'mlflow.db'}")
     exp = c.get_experiment_by_name('flights-delay')
@@ -66,7 +60,7 @@ def _check_child(c, r, parent: str, sweep_id: str, root: Path):
 
 
 def test_sweep_runs_each_configuration_as_a_child_run_then_skips_them(built_copy):
-    root = _quick(built_copy)
+    root = built_copy
     build_run = json.loads((root/'build/train/run.json').read_text())['run_id']
     args = ['sweep', '--set', 'hyperparams.hist_gradient_boosting.learning_rate=0.1,0.3',
             '--set', 'train.hyperparams.hist_gradient_boosting.max_leaf_nodes=31', '--jobs', '2', '--no-progress']
@@ -103,7 +97,7 @@ def test_sweep_runs_each_configuration_as_a_child_run_then_skips_them(built_copy
 
 
 def test_a_failing_configuration_is_named_and_the_others_finish(built_copy, tmp_path):
-    root = _quick(built_copy)
+    root = built_copy
     grid = tmp_path/'grid.yaml'
     grid.write_text(yaml.safe_dump({'family': ['logistic_regression'], 'hyperparams.logistic_regression.C': [1.0, -1.0]}))
     r = nbs(root, 'sweep', '--grid', str(grid), '--jobs', '1', check=False)
@@ -131,7 +125,7 @@ def _group(pid: int) -> int | None:
 
 
 def test_an_interrupted_sweep_resumes(built_copy):
-    root = _quick(built_copy)
+    root = built_copy
     values = [0.125, 0.25, 0.5, 1, 2, 4, 8, 16]  # a configuration takes about 2.5 s: a wide window to interrupt in
     args = [str(BIN/'nbs'), 'sweep', *LR, '--set', f"hyperparams.logistic_regression.C={','.join(map(str, values))}",
             '--jobs', '1', '--no-progress']
@@ -198,7 +192,7 @@ def test_sweep_without_a_build_says_to_build_first(fresh_project):
 @pytest.mark.slow
 def test_eight_parallel_runs_on_sqlite_lose_nothing(built_copy):
     """8 worker processes write to the embedded sqlite store at once: every run, param, metric and model is there."""
-    root = _quick(built_copy)
+    root = built_copy
     cs = ['0.01', '0.03', '0.1', '0.3', '1', '3', '10', '30']
     r = nbs(root, 'sweep', *LR, '--set', f"hyperparams.logistic_regression.C={','.join(cs)}", '--jobs', '8', '--no-progress')
     assert _counts(r.stdout) == (8, 0, 0) and '8 worker processes' in r.stdout
@@ -244,7 +238,7 @@ def _stop(*procs):
 
 @pytest.mark.slow
 def test_sweep_against_a_remote_mlflow_tracking_server(built_copy, tmp_path):
-    root = _quick(built_copy)
+    root = built_copy
     port, log = _free_port(), tmp_path/'server.log'
     server = subprocess.Popen([str(BIN/'mlflow'), 'server', '--backend-store-uri', f"sqlite:///{tmp_path/'server.db'}",
                                '--artifacts-destination', str(tmp_path/'artifacts'), '--host', '127.0.0.1', '--port', str(port),
@@ -273,7 +267,7 @@ def test_sweep_runs_on_a_dask_cluster(built_copy, tmp_path):
     """A real scheduler and two worker processes on loopback; the configurations run in those workers."""
     import psutil
     from distributed import Client
-    root = _quick(built_copy)
+    root = built_copy
     env, sf = env_for(root), tmp_path/'scheduler.json'
     slog, wlog = tmp_path/'scheduler.log', tmp_path/'workers.log'
     sched = subprocess.Popen([str(BIN/'dask'), 'scheduler', '--host', '127.0.0.1', '--port', '0', '--no-dashboard',

@@ -8,14 +8,13 @@ import hashlib, json, re, socket, subprocess, sys, threading, time
 from pathlib import Path
 import pytest
 import yaml
-from conftest import BIN, PROJECT_FILES, ROOT, SAMPLE_FRAC, copy_project, env_for, nbs, run, set_params
+from conftest import BIN, PROJECT_FILES, ROOT, TEST_PARAMS, copy_project, env_for, nbs, run, set_params
 
 sys.path.insert(0, str(ROOT/'team'))
 from stack import HOST, S3_CLIENT, S3_KEYS, SERVER, SETTINGS, Stack, free_port  # noqa: E402
 
 EXPERIMENT = 'flights-delay'
 TEAM_FILES = PROJECT_FILES + ['Makefile']
-QUICK = {'data.sample_frac': SAMPLE_FRAC, 'evaluate.importance_rows': 300}
 
 
 class Relay:
@@ -109,7 +108,7 @@ def make(root: Path, target: str, st, **vars) -> subprocess.CompletedProcess:
 def team_project(team, tmp_path_factory) -> Path:
     """A project copy built with `make pipeline` against the team stack (only MLFLOW_TRACKING_URI set)."""
     root = copy_project(tmp_path_factory.mktemp('team-proj'), files=TEAM_FILES)
-    set_params(root, **QUICK)
+    set_params(root, **TEST_PARAMS)
     make(root, 'pipeline', team)
     return root
 
@@ -185,7 +184,7 @@ def test_data_push_then_a_fresh_clone_pulls_from_s3_and_verifies_md5(team, tmp_p
 def test_a_fresh_clone_builds_registers_and_reproduces_against_the_team_stack(team, tmp_path):
     """The whole loop of a second team member: a fresh clone pulls its data from S3, builds into the tracking server,
     registers the champion there, and `nbs reproduce models:/<name>@champion` re-runs that very run with identical metrics."""
-    repo = _git_project(tmp_path/'repo', **QUICK, **{'registry.model_name': 'team-repro', 'tracking.experiment': 'team-repro'})
+    repo = _git_project(tmp_path/'repo', **TEST_PARAMS, **{'registry.model_name': 'team-repro', 'tracking.experiment': 'team-repro'})
     team.configure_dvc(repo)
     make(repo, 'data-push', team)
     clone = tmp_path/'clone'
@@ -273,7 +272,7 @@ def test_two_clones_build_and_sweep_at_once_lose_no_run(team, team_project, tmp_
     """Two clones at once: `a` (a copy of the built project: its build is a no-op) sweeps in its own worker while `b`
     builds from scratch, then sweeps on a Dask scheduler; then both run the gate at once."""
     a = copy_project(tmp_path/'a', src=team_project, files=TEAM_FILES + ['build'])
-    b = copy_project(tmp_path/'b', files=TEAM_FILES); set_params(b, **QUICK)
+    b = copy_project(tmp_path/'b', files=TEAM_FILES); set_params(b, **TEST_PARAMS)
     grid = tmp_path/'grid.yaml'; grid.write_text('hyperparams.hist_gradient_boosting.learning_rate: [0.05, 0.2]\n')
     sf, env = tmp_path/'scheduler.json', env_for(b, MLFLOW_TRACKING_URI=team.tracking_uri)
     sched = subprocess.Popen([str(BIN/'dask'), 'scheduler', '--host', HOST, '--port', '0', '--no-dashboard', '--scheduler-file', str(sf)],

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from conftest import BIN, PROJECT_FILES, SAMPLE_FRAC, copy_project, nbs, run, set_params
+from conftest import BIN, PROJECT_FILES, TEST_PARAMS, copy_project, nbs, run, set_params
 
 REPO_FILES = PROJECT_FILES + ['.dvc/config', '.dvc/.gitignore', '.dvcignore', '.gitignore', 'Makefile']
 RAW = ['data/raw/flights.csv.zip', 'data/raw/weather.csv']
@@ -36,7 +36,7 @@ def make_repo(dst: Path, remote: Path, with_data: bool = True) -> Path:
     root = copy_project(dst, files=REPO_FILES)
     if not with_data:
         for f in RAW: (root/f).unlink()
-    set_params(root, **{'data.sample_frac': SAMPLE_FRAC})
+    set_params(root, **TEST_PARAMS)
     git(root, 'init', '-q'); git(root, 'add', '-A'); git(root, 'commit', '-qm', 'project')
     run([str(BIN/'dvc'), 'remote', 'modify', '--local', 'shared', 'url', str(remote)], root)
     return root
