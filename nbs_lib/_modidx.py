@@ -458,6 +458,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'nbs_lib.tasks.notebook_error': ('tasks.html#notebook_error', 'nbs_lib/tasks.py'),
                                'nbs_lib.tasks.notebook_params': ('tasks.html#notebook_params', 'nbs_lib/tasks.py'),
                                'nbs_lib.tasks.offline_env': ('tasks.html#offline_env', 'nbs_lib/tasks.py'),
+                               'nbs_lib.tasks.on_failure': ('tasks.html#on_failure', 'nbs_lib/tasks.py'),
+                               'nbs_lib.tasks.on_finish': ('tasks.html#on_finish', 'nbs_lib/tasks.py'),
                                'nbs_lib.tasks.pipeline_tasks': ('tasks.html#pipeline_tasks', 'nbs_lib/tasks.py'),
                                'nbs_lib.tasks.scratch_path': ('tasks.html#scratch_path', 'nbs_lib/tasks.py'),
                                'nbs_lib.tasks.task_defaults': ('tasks.html#task_defaults', 'nbs_lib/tasks.py')},

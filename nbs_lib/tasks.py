@@ -15,8 +15,8 @@ def pipeline_tasks(root: Path) -> list[dict]:
     return read_yaml((root/'pipeline.yaml').read_text()).get('tasks', [])
 
 # %% auto #0
-__all__ = ['OFFLINE_ENV', 'SCRATCH', 'pipeline_tasks', 'offline_env', 'notebook_error', 'failure_line', 'expected_warnings',
-           'dag_spec', 'task_defaults', 'scratch_path', 'merge_stage', 'notebook_params']
+__all__ = ['OFFLINE_ENV', 'SCRATCH', 'pipeline_tasks', 'offline_env', 'notebook_error', 'failure_line', 'on_finish', 'on_failure',
+           'expected_warnings', 'dag_spec', 'task_defaults', 'scratch_path', 'merge_stage', 'notebook_params']
 
 # %% ../notebooks/lib/05b_tasks.ipynb #5587d867
 OFFLINE_ENV = {'MLFLOW_DISABLE_TELEMETRY': 'true', 'BENTOML_DO_NOT_TRACK': 'true', 'DVC_NO_ANALYTICS': '1',
@@ -45,6 +45,17 @@ def failure_line(text: str) -> str | None:
     "The first of our one-line user errors found in `text` (an exception's message or traceback)."
     m = _RE_USER.search(_ANSI.sub('', text or ''))
     return f"{m.group(1)}: {m.group(2).strip()}" if m else None
+
+# %% ../notebooks/lib/05b_tasks.ipynb #tsk-hooks
+def on_finish(task) -> None:
+    "`on_finish` of a tracked task: its stages and executed notebooks on the build's MLflow run (`nbs_lib.tracking.log_build_notebooks`)."
+    from nbs_lib.tracking import log_build_notebooks
+    log_build_notebooks(task)
+
+def on_failure(task) -> None:
+    "`on_failure` of a tracked task: the build's open MLflow run marked FAILED (`nbs_lib.tracking.fail_run`)."
+    from nbs_lib.tracking import fail_run
+    fail_run(task)
 
 # %% ../notebooks/lib/05b_tasks.ipynb #9bf238c1
 def _placeholders(root: Path) -> set[str]:
