@@ -138,24 +138,33 @@ def main() -> None:
     ap.add_argument('--seconds', type=float, default=10.0, help='seconds of wrk load at 64 connections (half that at 1)')
     ap.add_argument('--requests', type=int, default=640, help='single-row requests per latency figure of --only journal')
     ap.add_argument('--out', help='default: bench/results-serving.md (bench/results-journal.md with --only journal)')
-    ap.add_argument('--only', choices=['journal'], help='run only these figures')
+    ap.add_argument('--only', choices=['1', '2', 'journal'], help='run only these figures (1: batch throughput, 2: the limit rows)')
+    ap.add_argument('--project', help='the throw-away project copy: built there when it is not yet (default: a new temporary one); '
+                    "reuse one to compare code (its nbs_lib and service.py are refreshed from this checkout)")
     a = ap.parse_args()
-    a.out = a.out or str(HERE/('results-journal.md' if a.only else 'results-serving.md'))
+    a.out = a.out or str(HERE/('results-journal.md' if a.only == 'journal' else 'results-serving.md'))
     import httpx, mlflow, pandas as pd
     from mlflow.tracking import MlflowClient
     from servers import json_records, stop_server
     from nbs_lib.tracking import load_model
 
     tmp = Path(tempfile.mkdtemp(prefix='nbs-bench-serving-'))
-    root = copy_project(tmp/'proj', files=PROJECT_FILES + ['service.py', 'bentofile.yaml'])
-    set_params(root, **{'data.sample_frac': a.frac, 'serve.workers': 1, 'serve.max_batch': 1000})
+    root = Path(a.project) if a.project else tmp/'proj'
     home = str(root/'build/bentoml')
-    print(f'building the sample project in {root} ...', flush=True)
-    nbs(root, 'build')
     mlflow.set_tracking_uri(f"sqlite:///{root/'mlflow.db'}")
-    mv = mlflow.register_model(json.loads((root/'build/train/run.json').read_text())['model_uri'], 'flights-delay')
-    MlflowClient().set_registered_model_alias('flights-delay', 'champion', mv.version)
-    nbs(root, 'serve', 'import', BENTOML_HOME=home, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR='false')
+    if (root/'build/bentoml/models').is_dir():  # built by an earlier run: this checkout's code, the same model
+        for f in ('nbs_lib', 'service.py'):
+            shutil.rmtree(root/f, ignore_errors=True) if (root/f).is_dir() else (root/f).unlink(missing_ok=True)
+        copy_project(root, files=['nbs_lib', 'service.py'])
+        print(f'reusing the sample project in {root}', flush=True)
+    else:
+        copy_project(root, files=PROJECT_FILES + ['service.py', 'bentofile.yaml'])
+        set_params(root, **{'data.sample_frac': a.frac, 'serve.workers': 1, 'serve.max_batch': 1000})
+        print(f'building the sample project in {root} ...', flush=True)
+        nbs(root, 'build')
+        mv = mlflow.register_model(json.loads((root/'build/train/run.json').read_text())['model_uri'], 'flights-delay')
+        MlflowClient().set_registered_model_alias('flights-delay', 'champion', mv.version)
+        nbs(root, 'serve', 'import', BENTOML_HOME=home, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR='false')
 
     from nbs_lib.config import load_params
     from nbs_lib.data import DataSpec
@@ -171,6 +180,7 @@ def main() -> None:
         print(' | '.join(rows[-1]), flush=True)
 
     if a.only == 'journal': journal_rows(root, home, X, recs, a, row, tmp)
+    elif a.only == '2': limit_rows(root, home, recs, a, row, tmp, threshold)
     else:
         model = load_model('models:/flights-delay@champion')
         model.predict_proba(X.head(100))
@@ -202,7 +212,7 @@ def main() -> None:
                     base, 'in-process predict_proba, 1 thread', 'rows/s', '>= 0.5x', load)
         finally:
             stop_server(proc)
-        limit_rows(root, home, recs, a, row, tmp, threshold)
+        if a.only is None: limit_rows(root, home, recs, a, row, tmp, threshold)
     env = (f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}, '
            f'1 worker unless said, model trained on a {a.frac} sample, medians of {a.repeats} runs, wrk {a.seconds:g} s at 64 connections, '
            f'{a.seconds / 2:g} s at 1')
