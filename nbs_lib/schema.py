@@ -217,13 +217,15 @@ def parse_records(body: bytes, FIELDS: dict[str, FieldSpec], max_batch: int, dat
     if type(d) is not dict or d.keys() != {'records'}: return None
     recs, keys = d['records'], FIELDS.keys()
     if type(recs) is not list or not 0 < len(recs) <= max_batch or set(map(type, recs)) != {dict}: return None
-    if not all(map(keys.__eq__, map(dict.keys, recs))): return None  # exactly the fields, each record
+    if set(map(len, recs)) != {len(keys)}: return None  # as many keys as fields in each record, and (KeyError below) each field: exactly the fields
     cols = {}
-    for (c, f), v in zip(FIELDS.items(), zip(*map(operator.itemgetter(*keys), recs)) if len(keys) > 1 else [[r[c] for r in recs] for c in keys]):
-        if (a := _ok_column(list(v), f)) is None: return None
-        cols[c] = a
+    try:
+        for c, f in FIELDS.items():  # a column at a time, in C (map, itemgetter): no row tuples, no transposition
+            if (a := _ok_column(list(map(operator.itemgetter(c), recs)), f)) is None: return None
+            cols[c] = a
+    except KeyError: return None
     if date:
         try:
-            for y, m, dd in zip(*(cols[c].tolist() for c in date)): dt.date(y, m, dd)
+            for y, m, dd in set(zip(*(cols[c].tolist() for c in date))): dt.date(y, m, dd)  # each distinct day once
         except (ValueError, TypeError): return None
     return cols

@@ -87,7 +87,6 @@ class Scorer:
         self.model, self.version, self.threshold, self.inputs, self.task = model, str(version), float(threshold), names, task
         self.categories = categories if categories is not None else fitted_categories(model)
         self._known = {c: set(v) for c, v in self.categories.items() if v}
-        self._index = {c: _strings(sorted(k)) for c, k in self._known.items()}  # unique values: an index lookup needs them
         self.runtime, self.fast, self.ort = runtime, compile_pipeline(model, task), None
         if runtime in ('onnx', 'auto'):  # onnxruntime, checked within ONNX_TOL by check_fast
             from nbs_lib.onnx_model import NotConvertible, OnnxScore
@@ -130,6 +129,7 @@ class Scorer:
         if n <= 32:  # a few rows (the common request): set lookups beat an index
             cols = {c: X[c].tolist() for c in self._known}
             return [[c for c, k in self._known.items() if cols[c][i] not in k] for i in range(n)]
-        flags = {c: k.get_indexer(np.asarray(X[c], dtype=object)) < 0 for c, k in self._index.items()}
-        if not any(f.any() for f in flags.values()): return [[] for _ in range(n)]
+        # a set lookup per value beats an index's get_indexer here too (1000 rows: 0.17 ms against 0.69; 100k: 233 ms against 278)
+        flags = {c: [x not in k for x in X[c].tolist()] for c, k in self._known.items()}
+        if not any(map(any, flags.values())): return [[] for _ in range(n)]
         return [[c for c, f in flags.items() if f[i]] for i in range(n)]
