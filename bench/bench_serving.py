@@ -63,6 +63,7 @@ def wrk(url: str, body: bytes, connections: int, seconds: float, tmp: Path) -> d
                           '-s', str(script), f'{url}/predict'], capture_output=True, text=True, timeout=seconds + 60).stdout
     if 'Non-2xx' in out or 'Socket errors' in out: raise SystemExit(f'wrk: failed requests against {url}:\n{out}')
     pct = dict(re.findall(r'^\s+(50|99)%\s+(\S+)$', out, re.M))
+    if len(pct) < 2 or 'Requests/sec' not in out: raise SystemExit(f'wrk: no latency figures from {url}:\n{out}')
     return {'rps': float(re.search(r'Requests/sec:\s+([\d.]+)', out).group(1)), 'p50': _ms(pct['50']), 'p99': _ms(pct['99']), 'load': load}
 
 
