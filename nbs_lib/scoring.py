@@ -126,10 +126,7 @@ class Scorer:
     def unknown(self, X: pd.DataFrame | dict) -> list[list[str]]:
         "For each row of a frame or numpy columns, the categorical columns whose value the model did not see in training."
         n = _rows(X)
-        if n <= 32:  # a few rows (the common request): set lookups beat an index
-            cols = {c: X[c].tolist() for c in self._known}
-            return [[c for c, k in self._known.items() if cols[c][i] not in k] for i in range(n)]
-        # a set lookup per value beats an index's get_indexer here too (1000 rows: 0.17 ms against 0.69; 100k: 233 ms against 278)
+        # a set lookup per value, at any size: it beats an index's get_indexer (1000 rows: 0.17 ms against 0.69; 100k: 233 ms against 278)
         flags = {c: [x not in k for x in X[c].tolist()] for c, k in self._known.items()}
         if not any(map(any, flags.values())): return [[] for _ in range(n)]
         return [[c for c, f in flags.items() if f[i]] for i in range(n)]

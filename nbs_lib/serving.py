@@ -237,7 +237,7 @@ class Runtime:
         name, tag = bento_model_name(self.cfg.s['model_name'], alias), self._tags[alias]
         if tag is not None and _latest_version(self.cfg.champion, name) == tag.version: return  # unchanged: no YAML parsed,
         stored = _stored(name)  # which held the GIL ~5-20 ms every serve.reload_s and stalled the requests answered meanwhile (p99)
-        if stored is None or stored.tag == self._tags[alias]: return
+        if stored is None or stored.tag == tag: return
         new = _load(stored, self.cfg.s['threshold'], self.cfg.spec, self.cfg.s['runtime'])
         if self.cfg.example:
             X = records_frame([self.cfg.example], self.fields)
