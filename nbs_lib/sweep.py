@@ -237,7 +237,7 @@ def warm_worker() -> None:
     "Import what the notebooks use, once per worker process, so that configurations start warm."
     from nbs_lib.tasks import offline_env
     offline_env()
-    import mlflow.sklearn, sklearn.ensemble, sklearn.inspection, matplotlib.pyplot, ploomber_engine, skops.io  # noqa: F401
+    import skops.io, mlflow.sklearn, sklearn.ensemble, sklearn.inspection, matplotlib.pyplot, ploomber_engine  # noqa: F401 (skops first: nbs_lib.tracking)
     import nbs_lib.metrics, nbs_lib.models, nbs_lib.tracking  # noqa: F401
 
 # %% ../notebooks/lib/07_sweep.ipynb #6c818ab2

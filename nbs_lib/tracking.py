@@ -7,6 +7,9 @@ and a context that logs into a run across notebook cells and marks it failed on 
 from __future__ import annotations
 import contextlib, json, os, platform, subprocess, threading
 from pathlib import Path
+# skops.io before mlflow: on import, skops looks each scipy ufunc up in sys.modules, one copy of it a ufunc; with MLflow's
+# ~1,500 modules loaded first that cost 0.45 s in every process that logs or loads a model (all that import this one)
+import skops.io  # noqa: F401
 import mlflow
 from mlflow.tracking import MlflowClient
 from .config import UserError, md5, project_root, tracking_uri
@@ -309,7 +312,7 @@ def model_requirements() -> list[str]:
 
 def log_model(model, input_example, name: str = 'model', task: str = 'binary'):
     "Log a fitted sklearn Pipeline to the active run; returns MLflow's ModelInfo (model_uri is models:/m-<id>)."
-    import warnings, mlflow.sklearn, nbs_lib, skops.io
+    import warnings, mlflow.sklearn, nbs_lib
     from mlflow.models import infer_signature
     # the signature's column types are the data's own (int64 stays long), so any MLflow client scores the table as it is
     predict = 'predict_proba' if task == 'binary' else 'predict'
@@ -326,7 +329,6 @@ def log_model(model, input_example, name: str = 'model', task: str = 'binary'):
 @contextlib.contextmanager
 def _dumped_once(model, data: bytes):
     "While logging: skops.io.dump of `model` writes `data`, its dump already made (MLflow's sklearn flavour would serialize it again)."
-    import skops.io
     dump = skops.io.dump
     def dump_once(obj, file, *args, **kw):
         if obj is not model or args or kw: return dump(obj, file, *args, **kw)
