@@ -92,8 +92,9 @@ def _render(value, env: dict):
     m = _PLACEHOLDER.fullmatch(value.strip())
     return get(m.group(1)) if m else _PLACEHOLDER.sub(lambda m: str(get(m.group(1))), value)
 
-def _products(spec, root: Path):
-    p = spec.get('product')
+def _products(spec, env: dict, root: Path):
+    "The task's products, rendered, then as absolute paths (Ploomber's are relative to pipeline.yaml's folder)."
+    p = _render(spec.get('product'), env)
     return {k: str((root/v).resolve()) for k, v in p.items()} if isinstance(p, dict) else str((root/p).resolve())
 
 def _ploomber_defaults(root: Path) -> dict:
@@ -126,8 +127,8 @@ def task_defaults(name: str, root: Path | None = None) -> dict:
     if not plain or not all(u in tasks for u in spec.get('upstream') or []): return _ploomber_defaults(root)[name]
     out = _render(dict(spec.get('params') or {}), env)
     if 'resources_' in out: out['resources_'] = {k: str((root/v).resolve()) for k, v in out['resources_'].items()}
-    out['product'] = _render(_products(spec, root), env)
-    out['upstream'] = {u: _render(_products(tasks[u], root), env) for u in spec.get('upstream') or []}
+    out['product'] = _products(spec, env, root)
+    out['upstream'] = {u: _products(tasks[u], env, root) for u in spec.get('upstream') or []}
     return out
 
 

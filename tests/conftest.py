@@ -102,12 +102,12 @@ def metrics(root: Path) -> dict:
 
 
 @pytest.fixture(scope='session')
-def sample_project(tmp_path_factory, worker_id) -> Path:
+def sample_project(tmp_path_factory, request) -> Path:
     """A project copy built once per test run on a small sample of the real data, shared by the xdist workers (the first
     to ask builds it, under a lock); tests must not modify it."""
     from filelock import FileLock
     base = tmp_path_factory.getbasetemp()
-    if worker_id != 'master': base = base.parent  # the run's folder, above each worker's own
+    if hasattr(request.config, 'workerinput'): base = base.parent  # an xdist worker: the run's folder, above each worker's own
     root, done = base/'sample', base/'sample.built'
     with FileLock(str(base/'sample.lock')):
         if not done.exists():
