@@ -123,7 +123,8 @@ def task_defaults(name: str, root: Path | None = None) -> dict:
             if not isinstance(cur, dict) or part not in cur: return False
             cur = cur[part]
         return True
-    plain = text.count('{{') == len(_PLACEHOLDER.findall(text)) and all(known(d) for d in _PLACEHOLDER.findall(text))
+    found = _PLACEHOLDER.findall(text)
+    plain = text.count('{{') == len(found) and all(known(d) for d in found)
     if not plain or not all(u in tasks for u in spec.get('upstream') or []): return _ploomber_defaults(root)[name]
     out = _render(dict(spec.get('params') or {}), env)
     if 'resources_' in out: out['resources_'] = {k: str((root/v).resolve()) for k, v in out['resources_'].items()}
