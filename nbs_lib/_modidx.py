@@ -450,6 +450,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'nbs_lib.sweep.sweep_id': ('sweep.html#sweep_id', 'nbs_lib/sweep.py'),
                                'nbs_lib.sweep.warm_worker': ('sweep.html#warm_worker', 'nbs_lib/sweep.py')},
             'nbs_lib.tasks': { 'nbs_lib.tasks._explore_record': ('tasks.html#_explore_record', 'nbs_lib/tasks.py'),
+                               'nbs_lib.tasks._lookup': ('tasks.html#_lookup', 'nbs_lib/tasks.py'),
                                'nbs_lib.tasks._nb_keys': ('tasks.html#_nb_keys', 'nbs_lib/tasks.py'),
                                'nbs_lib.tasks._placeholders': ('tasks.html#_placeholders', 'nbs_lib/tasks.py'),
                                'nbs_lib.tasks._ploomber_defaults': ('tasks.html#_ploomber_defaults', 'nbs_lib/tasks.py'),

@@ -80,17 +80,18 @@ def dag_spec(root: Path):
 
 _PLACEHOLDER = re.compile(r'\{\{\s*([A-Za-z_][\w.]*)\s*\}\}')
 
+def _lookup(env: dict, dotted: str):
+    "env['a']['b'] for 'a.b'; KeyError (or TypeError below a non-mapping) when it is not there."
+    for part in dotted.split('.'): env = env[part]
+    return env
+
 def _render(value, env: dict):
     "`value` of pipeline.yaml with its `{{stage.key}}` placeholders filled from `env`, as Ploomber fills them: a value that is one placeholder becomes that object, one that mixes text becomes a string."
     if isinstance(value, dict): return {k: _render(v, env) for k, v in value.items()}
     if isinstance(value, list): return [_render(v, env) for v in value]
     if not isinstance(value, str): return value
-    def get(dotted: str):
-        cur = env
-        for part in dotted.split('.'): cur = cur[part]
-        return cur
     m = _PLACEHOLDER.fullmatch(value.strip())
-    return get(m.group(1)) if m else _PLACEHOLDER.sub(lambda m: str(get(m.group(1))), value)
+    return _lookup(env, m.group(1)) if m else _PLACEHOLDER.sub(lambda m: str(_lookup(env, m.group(1))), value)
 
 def _products(spec, env: dict, root: Path):
     "The task's products, rendered, then as absolute paths (Ploomber's are relative to pipeline.yaml's folder)."
@@ -118,11 +119,8 @@ def task_defaults(name: str, root: Path | None = None) -> dict:
     text = (root/'pipeline.yaml').read_text()
     env = load_params(root/'params.yaml')
     def known(dotted: str) -> bool:
-        cur = env
-        for part in dotted.split('.'):
-            if not isinstance(cur, dict) or part not in cur: return False
-            cur = cur[part]
-        return True
+        try: _lookup(env, dotted); return True
+        except (KeyError, TypeError): return False
     found = _PLACEHOLDER.findall(text)
     plain = text.count('{{') == len(found) and all(known(d) for d in found)
     if not plain or not all(u in tasks for u in spec.get('upstream') or []): return _ploomber_defaults(root)[name]

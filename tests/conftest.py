@@ -67,19 +67,22 @@ def nbs(root: Path, *args: str, **kw) -> subprocess.CompletedProcess:
     return run([str(BIN/'nbs'), *args], root, **kw)
 
 
-def nbs_here(root: Path, *args: str) -> subprocess.CompletedProcess:
-    """`nbs ARGS` in `root` through the same entry point, in this process: no interpreter start-up and the imports shared
-    between tests (about 1.5 s a call). For the calls that stop before anything runs (params and argument checks); their
-    exit code, stdout and stderr are returned as `nbs` would give them."""
+def nbs_here(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`nbs ARGS` in `root` (with the environment variables `env` set) through the same entry point, in this process: no
+    interpreter start-up and the imports shared between tests (about 1.5 s a call). For the calls that stop before
+    anything runs (params and argument checks) and a test's set-up steps; their exit code, stdout and stderr are
+    returned as `nbs` would give them."""
     import contextlib, io
     from nbs_lib.cli import main
-    out, err, before = io.StringIO(), io.StringIO(), os.environ.get('NBS_ROOT')
-    os.environ['NBS_ROOT'] = str(root)
+    env = {'NBS_ROOT': str(root), **env}
+    out, err, before = io.StringIO(), io.StringIO(), {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): code = main(list(args))
     finally:
-        if before is None: os.environ.pop('NBS_ROOT', None)
-        else: os.environ['NBS_ROOT'] = before
+        for k, v in before.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
     return subprocess.CompletedProcess(['nbs', *args], code, out.getvalue(), err.getvalue())
 
 

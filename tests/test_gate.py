@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from conftest import PROJECT_FILES, copy_project, nbs, set_params
+from conftest import PROJECT_FILES, copy_project, nbs, nbs_here, set_params
 
 # the gate on the 3% sample (about 2,500 test rows); the threshold sits below the weak model
 GATE = {'gate.min_metric': 0.55, 'gate.min_improvement': 0.001, 'gate.bootstrap.n_resamples': 1000, 'gate.bootstrap.seed': 7}
@@ -92,16 +92,12 @@ def register(gate, root: Path, *args: str, code: int = 0):
 
 
 @pytest.fixture
-def register_here(gate, monkeypatch, capsys):
-    """`nbs register ...` through the same entry point in this process (no interpreter start-up, imports shared):
-    for the steps that set a test up; returns (exit code, stdout, stderr)."""
-    from nbs_lib.cli import main
+def register_here(gate):
+    """`nbs register ...` through the same entry point in this process (conftest.nbs_here): for the steps that set a
+    test up; returns (exit code, stdout, stderr)."""
     def call(root: Path, *args: str) -> tuple[int, str, str]:
-        with monkeypatch.context() as m:
-            m.setenv('NBS_ROOT', str(root)); m.setenv('MLFLOW_TRACKING_URI', gate.uri)
-            code = main(['register', *args])
-        out, err = capsys.readouterr()
-        return code, out, err
+        r = nbs_here(root, 'register', *args, MLFLOW_TRACKING_URI=gate.uri)
+        return r.returncode, r.stdout, r.stderr
     return call
 
 
