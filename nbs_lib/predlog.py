@@ -12,25 +12,44 @@ from .data import DataSpec
 from .schema import DTYPES, fields
 
 # %% auto #0
-__all__ = ['log_batch', 'write_table', 'Journal', 'read_journal', 'recover_journals', 'log_schema', 'log_columns', 'log_frame',
-           'PredictionLog', 'read_prediction_log']
+__all__ = ['SMALL_ROWS', 'log_rows', 'rows_batch', 'log_batch', 'write_table', 'Journal', 'to_batches', 'read_journal',
+           'recover_journals', 'log_schema', 'log_columns', 'log_frame', 'PredictionLog', 'read_prediction_log']
 
 # %% ../notebooks/lib/10c_predlog.ipynb #h18-journal
+SMALL_ROWS = 64  # an append of at most this many rows (the common request) is kept as plain lists and journaled as JSON
+
+def _plain(v) -> list:
+    "A column's values as plain Python: numpy or a list as they are (NaN stays a float), a pandas column with None for a missing value."
+    if isinstance(v, pd.Series): return v.to_numpy(dtype=object, na_value=None).tolist()
+    return v.tolist() if isinstance(v, np.ndarray) else list(v)
+
+def log_rows(X: pd.DataFrame | dict, spec: DataSpec, score, decision, version: str, request_ids, received, shadow: bool = False) -> list[list]:
+    "The rows of `log_frame` (X a frame or numpy columns) as plain Python columns in `log_columns` order: a few rows' cheap form, JSON in the journal; NaN and None are both null in the log."
+    n = len(request_ids)
+    stamp = np.round(np.asarray(received, dtype='float64') * 1e6).astype('int64').tolist()
+    return ([_plain(X[c]) for c in spec.inputs] + [np.asarray(score, dtype='float64').tolist()]
+            + ([np.asarray(decision, dtype=bool).tolist()] if spec.task == 'binary' else [])
+            + [[str(version)] * n, stamp, [str(r) for r in request_ids], [bool(shadow)] * n])
+
+def rows_batch(chunks: list[list[list]], schema):
+    "One pyarrow RecordBatch of `schema` from several `log_rows` results (a column at a time, one conversion each)."
+    import pyarrow as pa
+    from itertools import chain
+    return pa.RecordBatch.from_arrays([pa.array(list(chain.from_iterable(ch[i] for ch in chunks)), type=t, from_pandas=True)
+                                       for i, t in enumerate(schema.types)], schema=schema)
+
 def log_batch(X: pd.DataFrame | dict, spec: DataSpec, score, decision, version: str, request_ids, received, shadow: bool = False, schema=None):
-    "The rows of `log_frame` (X a frame or numpy columns) as one pyarrow RecordBatch of `log_schema(spec)` (pass `schema` to build it once), from the arrays: it is on the request's path."
+    "The rows of `log_frame` (X a frame or numpy columns) as one pyarrow RecordBatch of `log_schema(spec)` (pass `schema` to build it once), from the arrays: many rows' form."
     import pyarrow as pa
     schema = schema or log_schema(spec)
     t, inputs = schema.types, spec.inputs
     n = len(np.asarray(score))
     if isinstance(X, dict):  # numpy columns; text from a list: pyarrow reads a list of str 4x faster than an object array
         cols = [pa.array(X[c].tolist() if X[c].dtype == object else X[c], type=t[i], from_pandas=True) for i, c in enumerate(inputs)]
-    elif n <= 64 and list(X.columns) == inputs:  # a few rows (the common request): one conversion beats a lookup per column
-        V = X.to_numpy(dtype=object)
-        cols = [pa.array(V[:, i], type=t[i], from_pandas=True) for i in range(len(inputs))]  # NaN: null, as in parquet
-    else: cols = [pa.array(X[c].to_numpy(), type=t[i], from_pandas=True) for i, c in enumerate(inputs)]
+    else: cols = [pa.array(X[c].to_numpy(), type=t[i], from_pandas=True) for i, c in enumerate(inputs)]  # NaN: null, as in parquet
     stamp = np.round(np.asarray(received, dtype='float64') * 1e6).astype('int64')
     cols += [pa.array(np.asarray(score, dtype='float64'))] + ([pa.array(np.asarray(decision, dtype=bool))] if spec.task == 'binary' else [])
-    cols += [pa.array([str(version)] * n, pa.string()), pa.array(stamp, t[-3]), pa.array(list(request_ids), pa.string()),
+    cols += [pa.array([str(version)] * n, pa.string()), pa.array(stamp, t[-3]), pa.array([str(r) for r in request_ids], pa.string()),
              pa.array(np.full(n, bool(shadow)))]
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
@@ -50,30 +69,34 @@ def write_table(table, path: Path, sync: bool = False) -> Path:
         finally: os.close(fd)
     return path
 
-class _Pieces:
-    "A file-like sink that keeps what pyarrow writes to it, to be handed to the OS in one call (`take`)."
-    closed = False
-    def __init__(self): self.parts = []
-    def write(self, data) -> int: self.parts.append(bytes(data)); return len(data)
-    def flush(self) -> None: pass
-    def take(self) -> bytes:
-        data, self.parts = b''.join(self.parts), []; return data
+def _record(rows) -> tuple[bytes, bytes]:
+    "A journal record's header and body: `J` + JSON of `log_rows` columns, or `A` + an Arrow IPC stream of one batch; 8 bytes of body length between."
+    if isinstance(rows, list):
+        import orjson
+        body, kind = orjson.dumps(rows), b'J'
+    else:
+        import pyarrow as pa
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, rows.schema) as w: w.write_batch(rows)
+        body, kind = sink.getvalue().to_pybytes(), b'A'
+    return kind + len(body).to_bytes(8, 'little'), body
 
 class _Segment:
     "One journal file of this process, locked while it lives; its rows go to `parquet` when flushed."
     def __init__(self, folder: Path, name: str):
-        self.path, self.parquet = folder/f'.journal-{name}.arrows', folder/f'predictions-{name}.parquet'
+        self.path, self.parquet = folder/f'.journal-{name}.log', folder/f'predictions-{name}.parquet'
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
-        self._sink, self._writer = _Pieces(), None
         self.dirty = False  # written since its last fsync
 
-    def write(self, batch) -> None:
-        import pyarrow as pa
-        if self._writer is None: self._writer = pa.ipc.new_stream(self._sink, batch.schema)
-        self._writer.write_batch(batch)  # a batch is a dozen small pieces: written with one system call, not one each
-        view = memoryview(self._sink.take())
-        while view: view = view[os.write(self.fd, view):]  # in the OS's page cache when this returns
+    def write(self, rows) -> None:
+        "Append one record (`log_rows` columns or a RecordBatch): in the OS's page cache when this returns."
+        head, body = _record(rows)
+        view = memoryview(head + body if len(body) < 1 << 16 else head)  # a small record: one system call
+        while view: view = view[os.write(self.fd, view):]
+        if len(body) >= 1 << 16:
+            view = memoryview(body)
+            while view: view = view[os.write(self.fd, view):]
         self.dirty = True
 
     def remove(self) -> None:
@@ -82,7 +105,7 @@ class _Segment:
 class Journal:
     "Append-only journal of a process's prediction-log rows, in segments that each flush of the log rotates."
     def __init__(self, folder: str | Path, spec: DataSpec):
-        self.folder, self.spec, self.schema, self._seq = Path(folder), spec, log_schema(spec), 0
+        self.folder, self.spec, self._seq = Path(folder), spec, 0
         self.segment = self._open()
 
     def _open(self) -> _Segment:
@@ -90,13 +113,9 @@ class Journal:
         stamp = dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')
         return _Segment(self.folder, f'{stamp}-{os.getpid()}-{self._seq:06d}')
 
-    def write(self, *rows) -> None:
-        "Append the rows (the arguments of `log_frame`) to the open segment."
-        self.segment.write(log_batch(rows[0], self.spec, *rows[1:], schema=self.schema))
-
-    def write_batch(self, batch) -> None:
-        "Append a RecordBatch of `log_batch` to the open segment."
-        self.segment.write(batch)
+    def write(self, rows) -> None:
+        "Append rows (`log_rows` columns or a `log_batch` RecordBatch) to the open segment."
+        self.segment.write(rows)
 
     def rotate(self) -> _Segment:
         "Start a new segment; returns the previous one (to `remove` once its rows are in parquet)."
@@ -111,29 +130,53 @@ class Journal:
         "Remove the open segment (call after the last flush, when it holds nothing)."
         self.segment.remove()
 
+def to_batches(records: list, schema) -> list:
+    "RecordBatches of `schema` for buffered or journaled records in order: each run of `log_rows` columns as one batch, RecordBatches as they are."
+    out, run = [], []
+    for r in records:
+        if isinstance(r, list): run.append(r); continue
+        if run: out.append(rows_batch(run, schema)); run = []
+        out.append(r)
+    if run: out.append(rows_batch(run, schema))
+    return out
+
 def read_journal(path: str | Path, spec: DataSpec):
-    "The complete batches of a journal segment as a table (a batch cut short by a kill is left out)."
-    import pyarrow as pa
-    batches = []
-    with open(path, 'rb') as f:
+    "The complete records of a journal segment as a table (a record cut short by a kill is left out). A `.arrows` segment of an earlier version is an Arrow IPC stream."
+    import orjson, pyarrow as pa
+    schema, path = log_schema(spec), Path(path)
+    if path.suffix == '.arrows':
+        batches = []
+        with open(path, 'rb') as f:
+            try:
+                r = pa.ipc.open_stream(f)
+                while True: batches.append(r.read_next_batch())
+            except StopIteration: pass
+            except (pa.ArrowInvalid, OSError): pass  # empty, or torn at the end
+        return pa.Table.from_batches(batches, schema=schema)
+    data, at, records = path.read_bytes(), 0, []
+    while at + 9 <= len(data):
+        kind, end = data[at:at + 1], at + 9 + int.from_bytes(data[at + 1:at + 9], 'little')
+        if end > len(data): break  # torn by the kill: never answered
+        body = data[at + 9:end]; at = end
         try:
-            r = pa.ipc.open_stream(f)
-            while True: batches.append(r.read_next_batch())
-        except StopIteration: pass
-        except (pa.ArrowInvalid, OSError): pass  # empty, or torn at the end
-    return pa.Table.from_batches(batches, schema=log_schema(spec))
+            if kind == b'J': records.append(orjson.loads(body))
+            elif kind == b'A': records.extend(pa.ipc.open_stream(body).read_all().to_batches())
+            else: break
+        except (orjson.JSONDecodeError, pa.ArrowInvalid): break
+    return pa.Table.from_batches(to_batches(records, schema), schema=schema)
 
 def recover_journals(folder: str | Path, spec: DataSpec) -> int:
     "Turn every journal segment under `folder` that no live process holds into its parquet file, once; rows recovered."
     n = 0
-    for p in sorted(Path(folder).glob('.journal-*.arrows')):
+    for p in sorted(Path(folder).glob('.journal-*')):
+        if p.suffix not in ('.log', '.arrows'): continue
         try: fd = os.open(p, os.O_RDONLY)
         except FileNotFoundError: continue
         try:
             try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError: continue  # its writer is alive
             if os.fstat(fd).st_nlink == 0: continue  # another worker recovered it meanwhile
-            dst = p.parent/f"predictions-{p.name[len('.journal-'):-len('.arrows')]}.parquet"
+            dst = p.parent/f"predictions-{p.name[len('.journal-'):-len(p.suffix)]}.parquet"
             if not dst.exists():
                 t = read_journal(p, spec)
                 if t.num_rows: write_table(t, dst, sync=True); n += t.num_rows
@@ -182,11 +225,13 @@ class PredictionLog:
         self._thread = threading.Thread(target=self._loop, name='prediction-log', daemon=True); self._thread.start()
 
     def append(self, X: pd.DataFrame | dict, probability, decision, version: str, request_ids, received, shadow: bool = False) -> None:
-        "Add scored records (the arguments of `log_frame`, X a frame or numpy columns): one RecordBatch, journaled and buffered."
-        batch = log_batch(X, self.spec, probability, decision, version, request_ids, received, shadow, schema=self._schema)
+        "Add scored records (the arguments of `log_frame`, X a frame or numpy columns): journaled, then buffered; a few rows as plain columns (`log_rows`), more as one RecordBatch."
+        n = len(request_ids)
+        rows = (log_rows(X, self.spec, probability, decision, version, request_ids, received, shadow) if n <= SMALL_ROWS else
+                log_batch(X, self.spec, probability, decision, version, request_ids, received, shadow, schema=self._schema))
         with self._lock:
-            if self.journal is not None: self.journal.write_batch(batch)
-            self._buf.append(batch); self._n += batch.num_rows
+            if self.journal is not None: self.journal.write(rows)
+            self._buf.append(rows); self._n += n
             if self._n >= self.flush_rows: self._full.set()  # the writer thread writes it, not the request
 
     def flush(self) -> Path | None:
@@ -199,9 +244,10 @@ class PredictionLog:
             seg = self.journal.rotate() if self.journal is not None else None  # the journal of exactly these rows
         stamp = dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%f')
         path = seg.parquet if seg is not None else self.folder/f'predictions-{stamp}-{os.getpid()}-{seq:06d}.parquet'
-        # one batch of all rows: concat_batches copies without the GIL, where Table.from_batches + combine_chunks held it
-        # ~15 ms for 1000 one-row batches, stalling the requests being answered meanwhile (p99)
-        whole = buf[0] if len(buf) == 1 else pa.concat_batches(buf)
+        # one batch of all rows: the few-row appends converted a column at a time (1000 one-row appends: about 2 ms), then
+        # concat_batches, which copies without the GIL (Table.from_batches + combine_chunks held it ~15 ms for 1000 batches)
+        parts = to_batches(buf, self._schema)
+        whole = parts[0] if len(parts) == 1 else pa.concat_batches(parts)
         write_table(pa.Table.from_batches([whole], schema=self._schema), path, sync=seg is not None)  # a killed worker: its segment is recovered
         if seg is not None: seg.remove()
         _release(buf)
