@@ -317,7 +317,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'nbs_lib.schema._first': ('schema.html#_first', 'nbs_lib/schema.py'),
                                 'nbs_lib.schema._hhmm': ('schema.html#_hhmm', 'nbs_lib/schema.py'),
                                 'nbs_lib.schema._ok_column': ('schema.html#_ok_column', 'nbs_lib/schema.py'),
-                                'nbs_lib.schema._ok_few': ('schema.html#_ok_few', 'nbs_lib/schema.py'),
+                                'nbs_lib.schema._ok_value': ('schema.html#_ok_value', 'nbs_lib/schema.py'),
                                 'nbs_lib.schema._pyfield': ('schema.html#_pyfield', 'nbs_lib/schema.py'),
                                 'nbs_lib.schema._stamp': ('schema.html#_stamp', 'nbs_lib/schema.py'),
                                 'nbs_lib.schema.check_frame': ('schema.html#check_frame', 'nbs_lib/schema.py'),
