@@ -23,6 +23,9 @@ LIVE = S.Live()  # the instance's Runtime, for the hot path (nbs_lib.serving.Hot
 # hostile clients (issue 18): a deadline for each request's headers (slow-loris), one WARNING line per bad request
 guard.guard_connections(CFG.s['header_timeout_s'], CFG.s['keep_alive_s'])
 guard.quiet_client_errors()
+# serve.timeout_s: BentoML's request deadline, with its timer cancelled once the response starts (BentoML 1.4 leaves one
+# per request in the event loop for timeout_s: the garbage collector's pauses grew past 100 ms under load)
+guard.fix_request_timeout()
 
 
 # serve.hot_path: /predict is left out of BentoML's OpenTelemetry spans, which cost more per request than scoring does
@@ -62,14 +65,13 @@ class Predictor:
         self.rt.close()
 
 
-# outermost: body size limit (413), body deadline (408), a client that leaves (499), short 400 answers, the docs' info
+# outermost: body size limit (413), body deadline (408), a client that leaves (499), short 400 answers, the docs' info;
+# with serve.hot_path, a JSON POST /predict is answered right there by its handler, without BentoML's per-request
+# machinery: the same records, the same 400 answers (the API's own request model decides when the column checks fail),
+# the same Runtime (nbs_lib.serving.HotPath)
+HOT = S.HotPath(LIVE, request_model=Predictor.apis['predict'].input_spec, fields=schema.fields(CFG.spec), max_batch=CFG.s['max_batch'],
+                date=tuple(CFG.spec.date) if CFG.spec.date else None, server=f"BentoML Service/{BENTO['name']}") if CFG.s['hot_path'] else None
 Predictor.add_asgi_middleware(guard.RequestGuard, max_body_mb=CFG.s['max_body_mb'], body_timeout_s=CFG.s['body_timeout_s'],
-                              info=S.docs_info(CFG, BENTO))
+                              info=S.docs_info(CFG, BENTO), handler=HOT)
 # a malformed multipart body answers 400 here; inside BentoML it would be a 500 (see nbs_lib.guard.MultipartCheck)
 Predictor.add_asgi_middleware(guard.MultipartCheck)
-# innermost: a JSON POST /predict is answered here (serve.hot_path), without BentoML's per-request machinery; the same
-# records, the same 400 answers (the API's own request model decides when the column checks fail), the same Runtime
-if CFG.s['hot_path']:
-    Predictor.add_asgi_middleware(S.HotPath, live=LIVE, request_model=Predictor.apis['predict'].input_spec, fields=schema.fields(CFG.spec),
-                                  max_batch=CFG.s['max_batch'], date=tuple(CFG.spec.date) if CFG.spec.date else None,
-                                  server=f"BentoML Service/{BENTO['name']}")

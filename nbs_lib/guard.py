@@ -10,8 +10,8 @@ from .config import DataError
 
 # %% auto #0
 __all__ = ['FILE_FIELDS', 'MAX_FILENAME', 'MAX_ERRORS', 'ERROR_DETAIL', 'decoded_bytes', 'check_upload', 'upload_problem',
-           'MultipartCheck', 'cut_errors', 'patch_openapi', 'RequestGuard', 'guard_connections', 'QuietClientErrors',
-           'quiet_client_errors']
+           'MultipartCheck', 'cut_errors', 'patch_openapi', 'RequestGuard', 'guard_connections', 'RequestTimeout',
+           'fix_request_timeout', 'QuietClientErrors', 'quiet_client_errors']
 
 # %% ../notebooks/lib/10d_guard.ipynb #h18-upload
 _WIDTH = {'BOOLEAN': 1, 'INT32': 4, 'FLOAT': 4, 'INT64': 8, 'DOUBLE': 8, 'INT96': 12}  # bytes per decoded value; strings 16
@@ -150,13 +150,13 @@ def _rewrite(send, when, change):
 def _json(msg) -> bool: return dict(msg.get('headers', [])).get(b'content-type', b'').startswith(b'application/json')
 
 class RequestGuard:
-    "ASGI middleware: body size limit (413), body deadline (408), a client that leaves (499), uploads as files only, short 400s, the docs' info."
+    "ASGI middleware: body size limit (413), body deadline (408), a client that leaves (499), uploads as files only, short 400s, the docs' info; `handler` answers the requests it `handles` with the body read here."
     chunk = 1 << 16
 
     def __init__(self, app, max_body_mb: float = 64, body_timeout_s: float = 30, upload_paths=('/predict_file',),
-                 info: dict | None = None, max_errors: int = MAX_ERRORS) -> None:
+                 info: dict | None = None, max_errors: int = MAX_ERRORS, handler=None) -> None:
         self.app, self.max_body, self.body_timeout = app, int(max_body_mb * 2**20), body_timeout_s
-        self.upload_paths, self.info, self.max_errors = tuple(upload_paths), info or {}, max_errors
+        self.upload_paths, self.info, self.max_errors, self.handler = tuple(upload_paths), info or {}, max_errors, handler
 
     async def __call__(self, scope, receive, send) -> None:
         if scope['type'] != 'http': return await self.app(scope, receive, send)
@@ -190,6 +190,13 @@ class RequestGuard:
             if status == 408: return await _answer(send, 408, f'request body not received within serve.timeouts.body_s={self.body_timeout:g} s')
             if status == 499: return await _answer(send, 499, 'client closed the request before sending its body')  # counted and logged as the client's error
             return await _answer(send, 413, f'request body over serve.max_body_mb={self.max_body / 2**20:g} MiB')
+        if self.handler is not None and self.handler.handles(scope, headers):  # answered here (nbs_lib.serving.HotPath): no replay
+            if spool is not None:
+                with spool: spool.seek(0); data = spool.read()
+            else: data = b''.join(chunks)
+            await self.handler.answer(scope, data, send)
+            if n > 1 << 20: _trim()
+            return
         with spool if spool is not None else io.BytesIO(b''.join(chunks)) as body:
             body.seek(0); done = False
             async def replay():
@@ -246,6 +253,41 @@ def guard_connections(header_timeout_s: float = 10, keep_alive_s: float = 5) -> 
     _guarded_protocol = GuardedH11Protocol
     for name in ('auto', 'h11'): uvicorn.config.HTTP_PROTOCOLS[name] = f'{__name__}:_guarded_protocol'
     return GuardedH11Protocol
+
+# %% ../notebooks/lib/10d_guard.ipynb #guard-timeout
+class RequestTimeout:
+    "ASGI middleware: a 504 when the response has not started within `timeout` seconds; BentoML's TimeoutMiddleware with its timer cancelled once the response starts."
+    def __init__(self, app, timeout: float) -> None: self.app, self.timeout = app, timeout
+
+    @staticmethod
+    def _expire(waiter) -> None:
+        if not waiter.done(): waiter.set_exception(TimeoutError)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope['type'] not in ('http', 'websocket'): return await self.app(scope, receive, send)
+        import asyncio
+        loop = asyncio.get_running_loop(); waiter = loop.create_future()
+        timer = loop.call_later(self.timeout, self._expire, waiter)
+
+        async def _send(msg) -> None:
+            if not waiter.done(): waiter.set_result(None); timer.cancel()
+            await send(msg)
+
+        # the app runs as its own task, as in BentoML: at the deadline the 504 goes out even while a thread still works for it
+        app = asyncio.ensure_future(self.app(scope, receive, _send))
+        app.add_done_callback(lambda _: waiter.done() or waiter.set_result(None))  # ended without a response: its error, now
+        try: await waiter
+        except TimeoutError:
+            if app.cancel():
+                from starlette.responses import JSONResponse
+                return await JSONResponse({'error': f'Not able to process the request in {self.timeout} seconds'}, status_code=504)(scope, receive, send)
+        finally: timer.cancel()
+        await app
+
+def fix_request_timeout() -> None:
+    "Make BentoML build its apps with `RequestTimeout` for `traffic.timeout` (call before the service's app is built: at the import of service.py)."
+    from bentoml._internal.server.http import traffic
+    traffic.TimeoutMiddleware = RequestTimeout  # BentoML's app factory imports it by this name when it builds the middleware list
 
 # %% ../notebooks/lib/10d_guard.ipynb #h18-logs
 class QuietClientErrors(logging.Filter):

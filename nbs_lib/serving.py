@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, create_model
 from .config import DataError, ParamsError, UserError, load_params, project_root, stage
 from .data import DataSpec
-from .guard import check_upload
+from .guard import check_upload, cut_errors
 from .predlog import PredictionLog
 from .schema import check_frame, fields, parse_records, records_columns, records_frame
 from .scoring import Scorer, fitted_categories
@@ -340,25 +340,19 @@ async def _send_json(send, status: int, body: bytes, headers: list) -> None:
     await send({'type': 'http.response.body', 'body': body})
 
 class HotPath:
-    "ASGI middleware: a JSON `POST path` scored by `live.runtime.answers` (records checked by `parse_records`, else by `request_model`); the rest goes on to the app."
-    def __init__(self, app, live: Live, request_model, fields: dict, max_batch: int, date: tuple | None = None, path: str = '/predict',
+    "The body handler of `RequestGuard` for a JSON `POST path`: scored by `live.runtime.answers` (records checked by `parse_records`, else by `request_model`)."
+    def __init__(self, live: Live, request_model, fields: dict, max_batch: int, date: tuple | None = None, path: str = '/predict',
                  inline_rows: int = 64, server: str = 'BentoML Service') -> None:
-        self.app, self.live, self.model, self.fields, self.max_batch, self.date = app, live, request_model, fields, max_batch, date
+        self.live, self.model, self.fields, self.max_batch, self.date = live, request_model, fields, max_batch, date
         self.path, self.inline_rows, self.server = path, inline_rows, server.encode()
 
-    def _ours(self, scope) -> bool:
-        if scope['type'] != 'http' or scope['path'] != self.path or scope['method'] != 'POST' or self.live.runtime is None: return False
-        ctype = dict(scope.get('headers', ())).get(b'content-type', b'application/json')
-        return ctype.split(b';')[0].strip().lower() == b'application/json'  # as BentoML: no Content-Type is JSON
+    def handles(self, scope, headers: dict) -> bool:
+        "Whether this request (its ASGI scope, its headers as a dict) is answered here: a JSON POST to `path` while the service runs."
+        if scope['path'] != self.path or scope['method'] != 'POST' or self.live.runtime is None: return False
+        return headers.get(b'content-type', b'application/json').split(b';')[0].strip().lower() == b'application/json'  # as BentoML: no Content-Type is JSON
 
-    async def __call__(self, scope, receive, send) -> None:
-        if not self._ours(scope): return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            msg = await receive()
-            if msg['type'] == 'http.disconnect': return
-            chunks.append(msg.get('body', b'')); more = msg.get('more_body', False)
-        body = b''.join(chunks)
+    async def answer(self, scope, body: bytes, send) -> None:
+        "Score the records of `body` and send the answers (or the request model's 400, its problems cut to `guard.MAX_ERRORS`)."
         headers = [(b'server', self.server)]
         from bentoml._internal.context import trace_context
         if trace_context.request_id is not None: headers.append((b'x-bentoml-request-id', format(trace_context.request_id, '016x').encode()))
@@ -371,7 +365,7 @@ class HotPath:
                 from starlette.requests import Request
                 log_exception(Request(scope))  # one WARNING line (nbs_lib.guard.QuietClientErrors), as BentoML's own path
                 err = {'error': f'{exc.error_count()} validation error for {exc.title}', 'detail': exc.errors(include_context=False, include_input=False)}
-                return await _send_json(send, 400, json.dumps(err, ensure_ascii=False, separators=(',', ':')).encode(), headers)
+                return await _send_json(send, 400, cut_errors(json.dumps(err, ensure_ascii=False, separators=(',', ':')).encode()), headers)
         import orjson
         rt, n = self.live.runtime, len(next(iter(cols.values())))
         rids, received = [uuid.uuid4().hex] * n, [time.time()] * n  # one request: one id
