@@ -262,7 +262,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'nbs_lib.predlog._Segment.__init__': ('predlog.html#_segment.__init__', 'nbs_lib/predlog.py'),
                                  'nbs_lib.predlog._Segment.remove': ('predlog.html#_segment.remove', 'nbs_lib/predlog.py'),
                                  'nbs_lib.predlog._Segment.write': ('predlog.html#_segment.write', 'nbs_lib/predlog.py'),
-                                 'nbs_lib.predlog._plain': ('predlog.html#_plain', 'nbs_lib/predlog.py'),
                                  'nbs_lib.predlog._record': ('predlog.html#_record', 'nbs_lib/predlog.py'),
                                  'nbs_lib.predlog._release': ('predlog.html#_release', 'nbs_lib/predlog.py'),
                                  'nbs_lib.predlog.log_batch': ('predlog.html#log_batch', 'nbs_lib/predlog.py'),

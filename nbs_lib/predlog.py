@@ -18,16 +18,15 @@ __all__ = ['SMALL_ROWS', 'log_rows', 'rows_batch', 'log_batch', 'write_table', '
 # %% ../notebooks/lib/10c_predlog.ipynb #h18-journal
 SMALL_ROWS = 64  # an append of at most this many rows (the common request) is kept as plain lists and journaled as JSON
 
-def _plain(v) -> list:
-    "A column's values as plain Python: numpy or a list as they are (NaN stays a float), a pandas column with None for a missing value."
-    if isinstance(v, pd.Series): return v.to_numpy(dtype=object, na_value=None).tolist()
-    return v.tolist() if isinstance(v, np.ndarray) else list(v)
-
 def log_rows(X: pd.DataFrame | dict, spec: DataSpec, score, decision, version: str, request_ids, received, shadow: bool = False) -> list[list]:
     "The rows of `log_frame` (X a frame or numpy columns) as plain Python columns in `log_columns` order: a few rows' cheap form, JSON in the journal; NaN and None are both null in the log."
     n = len(request_ids)
+    if isinstance(X, pd.DataFrame):  # one conversion of the frame (a column selection costs 10x that), a missing value as None
+        V = (X if list(X.columns) == spec.inputs else X[spec.inputs]).to_numpy(dtype=object, na_value=None)
+        inputs = [V[:, i].tolist() for i in range(len(spec.inputs))]
+    else: inputs = [X[c].tolist() if isinstance(X[c], np.ndarray) else list(X[c]) for c in spec.inputs]  # NaN stays a float: null too
     stamp = np.round(np.asarray(received, dtype='float64') * 1e6).astype('int64').tolist()
-    return ([_plain(X[c]) for c in spec.inputs] + [np.asarray(score, dtype='float64').tolist()]
+    return (inputs + [np.asarray(score, dtype='float64').tolist()]
             + ([np.asarray(decision, dtype=bool).tolist()] if spec.task == 'binary' else [])
             + [[str(version)] * n, stamp, [str(r) for r in request_ids], [bool(shadow)] * n])
 
