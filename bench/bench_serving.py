@@ -14,8 +14,9 @@ API, imported into a BentoML store of its own and served by `bentoml serve` on 1
    serve.workers: 2 against 1 at 64 connections
 3. (`--only journal`) what the journal of answered predictions costs (serve.journal, issue 18): PredictionLog.append per
    request in-process, journal on against off, and single-row /predict latency at concurrency 1 on two servers
-Medians of --repeats runs (wrk: one run of --seconds after a warm-up); every loop is bounded. Prints one table and
-writes bench/results-serving.md (load average at the start of each wrk row: the machine may be shared).
+Medians of --repeats runs (wrk: --repeats rounds of --seconds after a warm-up, every server in turn in each round);
+every loop is bounded. Prints one table and writes bench/results-serving.md (load average at the start of each wrk
+row: the machine may be shared).
 """
 from __future__ import annotations
 import argparse, asyncio, io, json, math, os, platform, re, shutil, statistics, subprocess, sys, tempfile, time
@@ -110,10 +111,17 @@ def limit_rows(root: Path, home: str, recs: list[dict], a, row, tmp: Path, thres
             urls[name], proc = _server(root, home, tmp, name, **params); procs.append(proc)
         urls['bare'], proc = _bare(root, home, tmp, threshold); procs.append(proc)
         for url in urls.values(): wrk(url, one, 64, warm, tmp)  # warm up: first calls, connection set-up
-        runs = {name: {'c64': wrk(url, one, 64, a.seconds, tmp)} for name, url in urls.items()}
-        for name in ('service', 'bare', 'bentoml-path'): runs[name]['c1'] = wrk(urls[name], one, 1, a.seconds / 2, tmp)
+        # --repeats rounds, each server in turn in each: a figure is the median of its rounds (one 10 s sample of the
+        # bare endpoint moved by 30% between quiet runs)
+        rounds = []
+        for _ in range(a.repeats):
+            r = {name: {'c64': wrk(url, one, 64, a.seconds, tmp)} for name, url in urls.items()}
+            for name in ('service', 'bare', 'bentoml-path'): r[name]['c1'] = wrk(urls[name], one, 1, a.seconds / 2, tmp)
+            rounds.append(r)
     finally:
         for proc in procs: stop_server(proc)
+    runs = {name: {c: {k: statistics.median(r[name][c][k] for r in rounds) for k in rounds[0][name][c]} for c in rounds[0][name]}
+            for name in rounds[0]}
     set_params(root, **{'serve.workers': 1, 'serve.hot_path': True})
     s, b, o, w = runs['service'], runs['bare'], runs['bentoml-path'], runs['service-2-workers']
     la = lambda *rs: 'load ' + '/'.join(f"{r['load']:.1f}" for r in rs)
