@@ -118,6 +118,7 @@ def limit_rows(root: Path, home: str, recs: list[dict], a, row, tmp: Path, thres
             r = {name: {'c64': wrk(url, one, 64, a.seconds, tmp)} for name, url in urls.items()}
             for name in ('service', 'bare', 'bentoml-path'): r[name]['c1'] = wrk(urls[name], one, 1, a.seconds / 2, tmp)
             rounds.append(r)
+            print(f'round {len(rounds)}: ' + ', '.join(f"{n} {v['c64']['rps']:,.0f} req/s" for n, v in r.items()), flush=True)
     finally:
         for proc in procs: stop_server(proc)
     runs = {name: {c: {k: statistics.median(r[name][c][k] for r in rounds) for k in rounds[0][name][c]} for c in rounds[0][name]}
