@@ -179,6 +179,10 @@ def main() -> None:
     from nbs_lib.config import load_params
     from nbs_lib.data import DataSpec
     from nbs_lib.serving import serve_params
+    # every figure starts from this checkout's serve: defaults (a reused project holds what the last run left: --only
+    # journal ends with serve.journal false, which would have measured rows 1 and 2 without the journal)
+    d = load_params(HERE.parent/'params.yaml')['serve']
+    set_params(root, **{'serve.journal': d['journal'], 'serve.batching.enabled': d['batching']['enabled'], 'serve.hot_path': d['hot_path']})
     p = load_params(root/'params.yaml'); spec = DataSpec.from_params(p); threshold = serve_params(p)['threshold']
     test = pd.read_parquet(root/'build/features/test.parquet').drop(columns=[spec.target])
     X = pd.concat([test] * math.ceil(a.rows / len(test)), ignore_index=True).head(a.rows)
