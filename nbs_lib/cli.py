@@ -98,7 +98,7 @@ def keep_fingerprint(root: Path | None = None):
 
 # %% ../notebooks/lib/06_cli.ipynb #b890fb57
 WARM_MODULES = ('pandas', 'pyarrow.parquet', 'sklearn.ensemble', 'sklearn.linear_model', 'matplotlib.pyplot',
-                'skops.io', 'mlflow', 'mlflow.sklearn', 'nbconvert', 'nbs_lib.tracking', 'nbs_lib.models', 'nbs_lib.metrics')
+                'nbs_lib.tracking', 'mlflow.sklearn', 'nbconvert', 'nbs_lib.models', 'nbs_lib.metrics')  # tracking: skops.io, then mlflow
 
 def _defer_rfc3987() -> None:
     "Have jsonschema (imported by nbformat) register its IRI checks without building rfc3987_syntax's parser (~1 s) now: it is built on first use."

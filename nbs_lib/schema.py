@@ -171,7 +171,7 @@ def records_frame(records: list, FIELDS: dict[str, FieldSpec]) -> pd.DataFrame:
     return columns_frame(records_columns(records, FIELDS), FIELDS)
 
 # %% ../notebooks/lib/10a_schema.ipynb #svc-parse
-_NUMPY = {'category': object, 'float': 'float64', 'int': 'int64', 'hhmm': 'int64'}
+_NUMPY = {k: object if v == 'str' else v for k, v in DTYPES.items()}  # a column's numpy dtype: text as Python objects
 
 def _ok_value(x, f: FieldSpec) -> bool:
     "Whether one JSON value keeps the record model's rule for `f`, its type exactly (no bool passes as an int): plain Python, cheaper than numpy for a few values."

@@ -237,8 +237,9 @@ def warm_worker() -> None:
     "Import what the notebooks use, once per worker process, so that configurations start warm."
     from nbs_lib.tasks import offline_env
     offline_env()
-    import skops.io, mlflow.sklearn, sklearn.ensemble, sklearn.inspection, matplotlib.pyplot, ploomber_engine  # noqa: F401 (skops first: nbs_lib.tracking)
-    import nbs_lib.metrics, nbs_lib.models, nbs_lib.tracking  # noqa: F401
+    import nbs_lib.tracking  # noqa: F401 (first: it imports skops.io before mlflow)
+    import mlflow.sklearn, sklearn.ensemble, sklearn.inspection, matplotlib.pyplot, ploomber_engine  # noqa: F401
+    import nbs_lib.metrics, nbs_lib.models  # noqa: F401
 
 # %% ../notebooks/lib/07_sweep.ipynb #6c818ab2
 def _crashed(task: dict, e: BaseException) -> dict:
