@@ -5,7 +5,8 @@
 A throw-away copy of the project is built on a sample, its model registered as the champion with the real MLflow
 API, imported into a BentoML store of its own and served by `bentoml serve` on 127.0.0.1 (loopback only).
 1. batch throughput: /predict_file (a parquet of --rows rows) and /predict (JSON, serve.max_batch rows a request)
-   against the champion's in-process predict_proba on the same rows (goal: HTTP >= 0.5x in-process)
+   against the champion's in-process predict_proba on the same rows at once (goal: HTTP >= 0.5x in-process); as a
+   reference, /predict against predict_proba called on the same 1000-row batches
 2. the service against its limit (issue 17), single-row /predict under load from `wrk`, an outside load client
    (Debian: apt-get install wrk; without it these rows are skipped, said in the output and the results): the
    baseline is a bare Starlette endpoint that scores the same model with the same runtime and does nothing else
@@ -110,12 +111,14 @@ def limit_rows(root: Path, home: str, recs: list[dict], a, row, tmp: Path, thres
                              ('service-2-workers', {'serve.workers': 2, 'serve.hot_path': True})):
             urls[name], proc = _server(root, home, tmp, name, **params); procs.append(proc)
         urls['bare'], proc = _bare(root, home, tmp, threshold); procs.append(proc)
+        urls = {n: urls[n] for n in ('service', 'bare', 'bentoml-path', 'service-2-workers')}  # the service and its baseline back to back
         for url in urls.values(): wrk(url, one, 64, warm, tmp)  # warm up: first calls, connection set-up
         # --repeats rounds, each server in turn in each: a figure is the median of its rounds (one 10 s sample of the
-        # bare endpoint moved by 30% between quiet runs)
+        # bare endpoint moved by 30% between quiet runs); a second's pause before each, for the last one's log to flush
         rounds = []
+        settle = lambda: time.sleep(1.0)
         for _ in range(a.repeats):
-            r = {name: {'c64': wrk(url, one, 64, a.seconds, tmp)} for name, url in urls.items()}
+            r = {name: {'c64': (settle(), wrk(url, one, 64, a.seconds, tmp))[1]} for name, url in urls.items()}
             for name in ('service', 'bare', 'bentoml-path'): r[name]['c1'] = wrk(urls[name], one, 1, a.seconds / 2, tmp)
             rounds.append(r)
             print(f'round {len(rounds)}: ' + ', '.join(f"{n} {v['c64']['rps']:,.0f} req/s" for n, v in r.items()), flush=True)
@@ -182,7 +185,8 @@ def main() -> None:
     # every figure starts from this checkout's serve: defaults (a reused project holds what the last run left: --only
     # journal ends with serve.journal false, which would have measured rows 1 and 2 without the journal)
     d = load_params(HERE.parent/'params.yaml')['serve']
-    set_params(root, **{'serve.journal': d['journal'], 'serve.batching.enabled': d['batching']['enabled'], 'serve.hot_path': d['hot_path']})
+    set_params(root, **{'serve.journal': d['journal'], 'serve.batching.enabled': d['batching']['enabled'], 'serve.hot_path': d['hot_path'],
+                        'serve.cors_origins': d.get('cors_origins', [])})
     p = load_params(root/'params.yaml'); spec = DataSpec.from_params(p); threshold = serve_params(p)['threshold']
     test = pd.read_parquet(root/'build/features/test.parquet').drop(columns=[spec.target])
     X = pd.concat([test] * math.ceil(a.rows / len(test)), ignore_index=True).head(a.rows)
@@ -202,6 +206,11 @@ def main() -> None:
         def inproc():
             with threadpool_limits(1):  # as in the service (OMP_NUM_THREADS=1 per worker)
                 t0 = time.perf_counter(); model.predict_proba(X); return a.rows / (time.perf_counter() - t0)
+        def inproc_batches():  # the same model on the JSON figure's batches: what calling it yourself, 1000 rows at a time, gives
+            with threadpool_limits(1):
+                t0 = time.perf_counter()
+                for i in range(0, a.rows, max_batch): model.predict_proba(X.iloc[i:i + max_batch])
+                return a.rows / (time.perf_counter() - t0)
         buf = io.BytesIO(); X.to_parquet(buf); parquet = buf.getvalue()
         url, proc = _server(root, home, tmp, 'service (batch figures)')
         try:
@@ -218,12 +227,14 @@ def main() -> None:
                     return a.rows / (time.perf_counter() - t0)
                 load = f'load {os.getloadavg()[0]:.1f}'
                 # interleaved, so that baseline and HTTP figures see the same load on a shared machine
-                runs = [(inproc(), http_file(), http_json()) for _ in range(a.repeats)]
+                runs = [(inproc(), http_file(), http_json(), inproc_batches()) for _ in range(a.repeats)]
                 base = statistics.median(r[0] for r in runs)
                 row(f'1a. batch over HTTP: /predict_file, parquet of {a.rows:,} rows', statistics.median(r[1] for r in runs),
                     base, 'in-process predict_proba, 1 thread', 'rows/s', '>= 0.5x', load)
                 row(f'1b. batch over HTTP: /predict, JSON, {max_batch} rows a request', statistics.median(r[2] for r in runs),
                     base, 'in-process predict_proba, 1 thread', 'rows/s', '>= 0.5x', load)
+                row(f'1c. reference: /predict, JSON, {max_batch} rows a request', statistics.median(r[2] for r in runs),
+                    statistics.median(r[3] for r in runs), f'in-process predict_proba, {max_batch} rows a call, 1 thread', 'rows/s', '', load)
         finally:
             stop_server(proc)
         if a.only is None: limit_rows(root, home, recs, a, row, tmp, threshold)

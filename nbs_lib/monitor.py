@@ -156,19 +156,27 @@ def batches_by(df: pd.DataFrame, by: list[str]) -> dict[str, pd.DataFrame]:
     if missing: raise DataError(f"monitor: 'monitor.batch_by' names column '{missing[0]}', which the data does not have")
     return {_label(k): g.reset_index(drop=True) for k, g in df.groupby(by if len(by) > 1 else by[0], sort=True)}
 
+def _log_part(f: Path, spec: DataSpec) -> pd.DataFrame:
+    "One file of the prediction log (parquet or jsonl), checked to hold the spec's input columns."
+    try: d = pd.read_parquet(f) if f.suffix == '.parquet' else pd.read_json(f, lines=True, dtype=False)
+    except FileNotFoundError: raise
+    except (OSError, ValueError) as e: raise DataError(f"{f}: unreadable prediction log file ({str(e).splitlines()[0]})") from None
+    miss = [c for c in spec.inputs if c not in d.columns]
+    if miss: raise DataError(f"{f}: prediction log file lacks column '{miss[0]}' of the spec (was it written before the column was added?)")
+    return d
+
 def read_prediction_log(folder: str | Path, spec: DataSpec) -> tuple[pd.DataFrame | None, dict]:
     "The service's prediction log (parquet and jsonl files in `folder`), primary rows only, oldest first; and facts about it."
     folder = Path(folder)
     info = {'path': str(folder), 'present': False, 'files': 0, 'rows': 0, 'shadow_rows_skipped': 0}
-    files = sorted(f for f in folder.glob('*') if f.suffix in ('.parquet', '.jsonl') and not f.name.startswith('.')) if folder.is_dir() else []
-    if not files: return None, info
-    parts = []
-    for f in files:
-        try: d = pd.read_parquet(f) if f.suffix == '.parquet' else pd.read_json(f, lines=True, dtype=False)
-        except (OSError, ValueError) as e: raise DataError(f"{f}: unreadable prediction log file ({str(e).splitlines()[0]})") from None
-        miss = [c for c in spec.inputs if c not in d.columns]
-        if miss: raise DataError(f"{f}: prediction log file lacks column '{miss[0]}' of the spec (was it written before the column was added?)")
-        parts.append(d)
+    from nbs_lib.predlog import superseded
+    for attempt in range(3):  # a compaction (nbs_lib.predlog.compact_log) may remove files between their listing and their reading
+        held = superseded(folder) if folder.is_dir() else set()
+        files = sorted(f for f in folder.glob('*') if f.suffix in ('.parquet', '.jsonl') and not f.name.startswith('.') and f.name not in held) if folder.is_dir() else []
+        if not files: return None, info
+        try: parts = [_log_part(f, spec) for f in files]; break
+        except FileNotFoundError:
+            if attempt == 2: raise
     log = pd.concat(parts, ignore_index=True)
     for c in spec.inputs:
         if c in spec.categorical: log[c] = log[c].astype(str).where(log[c].notna())
@@ -504,7 +512,12 @@ def run_monitor(upstream: dict, product: dict, monitor: dict, table: dict, track
     model = trk.load_model(run['model_uri'])
     reference, current = pd.read_parquet(ref_path), pd.read_parquet(cur_path)
     batches = batches_by(current, by)
-    log_df, log_info = read_prediction_log(_path(log or cfg['prediction_log'], root), spec)
+    folder = _path(log or cfg['prediction_log'], root)
+    from nbs_lib.predlog import compact_log
+    try: merged = compact_log(folder, spec)  # the service's thousands of small files, read as one from now on (the same rows)
+    except OSError: merged = 0  # a log this process may only read: read as it is
+    log_df, log_info = read_prediction_log(folder, spec)
+    if merged: log_info['compacted_files'] = merged
     if log_df is not None:
         batches['serving'] = log_df
         versions = sorted(log_df['model_version'].dropna().astype(str).unique()) if 'model_version' in log_df.columns else []

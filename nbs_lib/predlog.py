@@ -4,7 +4,7 @@
 
 # %% ../notebooks/lib/10c_predlog.ipynb #predlog-imp
 from __future__ import annotations
-import datetime as dt, fcntl, logging, os, threading, time
+import datetime as dt, fcntl, hashlib, json, logging, os, threading, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -12,8 +12,9 @@ from .data import DataSpec
 from .schema import DTYPES, fields
 
 # %% auto #0
-__all__ = ['SMALL_ROWS', 'log_rows', 'rows_batch', 'log_batch', 'write_table', 'Journal', 'to_batches', 'read_journal',
-           'recover_journals', 'log_schema', 'log_columns', 'log_frame', 'PredictionLog', 'read_prediction_log']
+__all__ = ['SMALL_ROWS', 'COMPACTED', 'COMPACT_MIN_FILES', 'log_rows', 'rows_batch', 'log_batch', 'write_table', 'Journal',
+           'to_batches', 'read_journal', 'recover_journals', 'log_schema', 'log_columns', 'log_frame', 'PredictionLog',
+           'superseded', 'log_files', 'read_prediction_log', 'compact_log']
 
 # %% ../notebooks/lib/10c_predlog.ipynb #h18-journal
 SMALL_ROWS = 64  # an append of at most this many rows (the common request) is kept as plain lists and journaled as JSON
@@ -269,10 +270,55 @@ class PredictionLog:
             if self.journal is not None and not self._buf: self.journal.close()  # rows after the flush: left to recover
             self.journal = None
 
+COMPACTED = '-compacted-'  # in the name of a file `compact_log` wrote; its parquet metadata names the files it holds
+
+def superseded(folder: str | Path) -> set[str]:
+    "Names of the service's files that a compacted file already holds (left by a compaction cut short): never read again."
+    import pyarrow.parquet as pq
+    return {s for f in Path(folder).glob(f'predictions-*{COMPACTED}*.parquet')
+            for s in json.loads((pq.read_schema(f).metadata or {}).get(b'nbs.sources', b'[]'))}
+
+def log_files(folder: str | Path) -> list[Path]:
+    "The prediction log's parquet files under `folder`, in name order, each row in exactly one of them."
+    held = superseded(folder)
+    return [f for f in sorted(Path(folder).glob('predictions-*.parquet')) if f.name not in held]
+
 def read_prediction_log(folder: str | Path, spec: DataSpec) -> pd.DataFrame:
     "Every row of the prediction log under `folder`, oldest first (an empty frame with the log's columns when there is none)."
-    files = sorted(Path(folder).glob('predictions-*.parquet')); schema = log_schema(spec)
-    if not files: return pd.DataFrame({c: pd.Series(dtype=t.to_pandas_dtype()) for c, t in zip(schema.names, schema.types)})
     import pyarrow.parquet as pq, pyarrow as pa
-    df = pa.concat_tables([pq.read_table(f, schema=schema) for f in files]).to_pandas()
+    schema = log_schema(spec)
+    for attempt in range(3):  # a compaction may remove files between their listing and their reading: list them again
+        files = log_files(folder)
+        if not files: return pd.DataFrame({c: pd.Series(dtype=t.to_pandas_dtype()) for c, t in zip(schema.names, schema.types)})
+        try: df = pa.concat_tables([pq.read_table(f, schema=schema) for f in files]).to_pandas(); break
+        except FileNotFoundError:
+            if attempt == 2: raise
     return df.sort_values('timestamp', kind='stable').reset_index(drop=True)
+
+# %% ../notebooks/lib/10c_predlog.ipynb #predlog-compact
+COMPACT_MIN_FILES = 64  # compact_log merges the service's files once there are this many
+
+def compact_log(folder: str | Path, spec: DataSpec, min_files: int = COMPACT_MIN_FILES) -> int:
+    "Merge the service's parquet files under `folder` into one with the same rows once there are `min_files`; how many it merged (0: fewer, or another process compacts)."
+    import pyarrow as pa, pyarrow.parquet as pq
+    folder = Path(folder)
+    if not folder.is_dir(): return 0
+    fd = os.open(folder/'.compact.lock', os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError: return 0
+        held = superseded(folder)
+        for name in held: (folder/name).unlink(missing_ok=True)  # a compaction cut short after writing its file
+        schema, tables = log_schema(spec), []
+        for f in sorted(folder.glob('predictions-*.parquet')):
+            if COMPACTED in f.name or f.name in held: continue
+            t = pq.read_table(f)
+            if t.schema.remove_metadata().equals(schema): tables.append((f, t))  # a file of an older spec stays as it is
+        if len(tables) < min_files: return 0
+        names = [f.name for f, _ in tables]
+        name = f"predictions-{names[0].split('-')[1]}{COMPACTED}{hashlib.md5(' '.join(names).encode()).hexdigest()[:12]}.parquet"
+        merged = pa.concat_tables([t for _, t in tables]).replace_schema_metadata({b'nbs.sources': json.dumps(names).encode()})
+        write_table(merged, folder/name, sync=True)
+        for f, _ in tables: f.unlink()
+        return len(tables)
+    finally: os.close(fd)
