@@ -31,8 +31,8 @@ guard.fix_request_timeout()
 # serve.hot_path: /predict is left out of BentoML's OpenTelemetry spans, which cost more per request than scoring does
 # (bench/results-serving.md); /predict_file and the rest keep them. BentoML exports no span unless tracing is configured.
 TRACING = {'excluded_urls': [r'/predict(\?|$)']} if CFG.s['hot_path'] else {}
-# serve.cors_origins: the web pages a browser may call the service from; BentoML's CORS middleware answers their preflight
-# and adds the headers (a page's /predict then takes BentoML's API path, inside that middleware: HotPath(cors=True))
+# serve.cors_origins: the web pages a browser may call the service from; BentoML's CORS middleware answers the
+# browser's OPTIONS check and adds the headers (a page's /predict then takes BentoML's API path, inside that middleware)
 HTTP = {'cors': {'enabled': True, 'access_control_allow_origins': CFG.s['cors_origins'], 'access_control_allow_methods': ['GET', 'POST'],
                  'access_control_allow_headers': ['content-type']}} if CFG.s['cors_origins'] else {}
 
