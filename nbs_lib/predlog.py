@@ -12,9 +12,9 @@ from .data import DataSpec
 from .schema import DTYPES, fields
 
 # %% auto #0
-__all__ = ['SMALL_ROWS', 'COMPACTED', 'COMPACT_MIN_FILES', 'log_rows', 'rows_batch', 'log_batch', 'write_table', 'Journal',
-           'to_batches', 'read_journal', 'recover_journals', 'log_schema', 'log_columns', 'log_frame', 'PredictionLog',
-           'superseded', 'log_files', 'read_prediction_log', 'compact_log']
+__all__ = ['SMALL_ROWS', 'COMPACTED', 'COMPACT_MIN_FILES', 'COMPACT_ROWS', 'log_rows', 'rows_batch', 'log_batch', 'write_table',
+           'Journal', 'to_batches', 'read_journal', 'superseded', 'recover_journals', 'log_schema', 'log_columns',
+           'log_frame', 'PredictionLog', 'log_files', 'read_prediction_log', 'compact_log']
 
 # %% ../notebooks/lib/10c_predlog.ipynb #h18-journal
 SMALL_ROWS = 64  # an append of at most this many rows (the common request) is kept as plain lists and journaled as JSON
@@ -53,11 +53,16 @@ def log_batch(X: pd.DataFrame | dict, spec: DataSpec, score, decision, version: 
              pa.array(np.full(n, bool(shadow)))]
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
-def write_table(table, path: Path, sync: bool = False) -> Path:
-    "Write `table` to `path` through a hidden temporary name and an atomic rename (fsynced first with `sync`)."
+def write_table(table, path: Path, sync: bool = False, schema=None) -> Path:
+    "Write `table` (with `schema`: the tables an iterable yields, one after the other) to `path` through a hidden temporary name and an atomic rename (fsynced first with `sync`)."
     import pyarrow.parquet as pq
     path = Path(path); tmp = path.parent/f'.{path.name}.tmp'
-    pq.write_table(table, tmp)
+    try:
+        if schema is None: pq.write_table(table, tmp)
+        else:
+            with pq.ParquetWriter(tmp, schema) as w:
+                for t in table: w.write_table(t)
+    except BaseException: tmp.unlink(missing_ok=True); raise
     if sync:
         fd = os.open(tmp, os.O_RDONLY)
         try: os.fsync(fd)
@@ -165,6 +170,14 @@ def read_journal(path: str | Path, spec: DataSpec):
         except (orjson.JSONDecodeError, pa.ArrowInvalid): break
     return pa.Table.from_batches(to_batches(records, schema), schema=schema)
 
+COMPACTED = '-compacted-'  # in the name of a file `compact_log` wrote; its parquet metadata names the files it holds
+
+def superseded(folder: str | Path) -> set[str]:
+    "Names of the service's files that a compacted file already holds (left by a compaction cut short): never read again."
+    import pyarrow.parquet as pq
+    return {s for f in Path(folder).glob(f'predictions-*{COMPACTED}*.parquet')
+            for s in json.loads((pq.read_schema(f).metadata or {}).get(b'nbs.sources', b'[]'))}
+
 def recover_journals(folder: str | Path, spec: DataSpec) -> int:
     "Turn every journal segment under `folder` that no live process holds into its parquet file, once; rows recovered."
     n = 0
@@ -177,7 +190,7 @@ def recover_journals(folder: str | Path, spec: DataSpec) -> int:
             except BlockingIOError: continue  # its writer is alive
             if os.fstat(fd).st_nlink == 0: continue  # another worker recovered it meanwhile
             dst = p.parent/f"predictions-{p.name[len('.journal-'):-len(p.suffix)]}.parquet"
-            if not dst.exists():
+            if not dst.exists() and dst.name not in superseded(folder):  # (its rows already merged by compact_log: not twice)
                 t = read_journal(p, spec)
                 if t.num_rows: write_table(t, dst, sync=True); n += t.num_rows
             os.unlink(p)
@@ -270,14 +283,6 @@ class PredictionLog:
             if self.journal is not None and not self._buf: self.journal.close()  # rows after the flush: left to recover
             self.journal = None
 
-COMPACTED = '-compacted-'  # in the name of a file `compact_log` wrote; its parquet metadata names the files it holds
-
-def superseded(folder: str | Path) -> set[str]:
-    "Names of the service's files that a compacted file already holds (left by a compaction cut short): never read again."
-    import pyarrow.parquet as pq
-    return {s for f in Path(folder).glob(f'predictions-*{COMPACTED}*.parquet')
-            for s in json.loads((pq.read_schema(f).metadata or {}).get(b'nbs.sources', b'[]'))}
-
 def log_files(folder: str | Path) -> list[Path]:
     "The prediction log's parquet files under `folder`, in name order, each row in exactly one of them."
     held = superseded(folder)
@@ -296,7 +301,8 @@ def read_prediction_log(folder: str | Path, spec: DataSpec) -> pd.DataFrame:
     return df.sort_values('timestamp', kind='stable').reset_index(drop=True)
 
 # %% ../notebooks/lib/10c_predlog.ipynb #predlog-compact
-COMPACT_MIN_FILES = 64  # compact_log merges the service's files once there are this many
+COMPACT_MIN_FILES = 64  # compact_log merges the service's files once there are this many,
+COMPACT_ROWS = 1 << 17  # reading and writing about this many rows at a time
 
 def compact_log(folder: str | Path, spec: DataSpec, min_files: int = COMPACT_MIN_FILES) -> int:
     "Merge the service's parquet files under `folder` into one with the same rows once there are `min_files`; how many it merged (0: fewer, or another process compacts)."
@@ -309,16 +315,24 @@ def compact_log(folder: str | Path, spec: DataSpec, min_files: int = COMPACT_MIN
         except BlockingIOError: return 0
         held = superseded(folder)
         for name in held: (folder/name).unlink(missing_ok=True)  # a compaction cut short after writing its file
-        schema, tables = log_schema(spec), []
+        schema, files = log_schema(spec), []
         for f in sorted(folder.glob('predictions-*.parquet')):
             if COMPACTED in f.name or f.name in held: continue
-            t = pq.read_table(f)
-            if t.schema.remove_metadata().equals(schema): tables.append((f, t))  # a file of an older spec stays as it is
-        if len(tables) < min_files: return 0
-        names = [f.name for f, _ in tables]
+            try: same = pq.read_schema(f).remove_metadata().equals(schema)
+            except (OSError, pa.ArrowInvalid): same = False  # unreadable: left for the reader to name
+            if same: files.append(f)  # a file of an older spec stays as it is
+        if len(files) < min_files: return 0
+        names = [f.name for f in files]
         name = f"predictions-{names[0].split('-')[1]}{COMPACTED}{hashlib.md5(' '.join(names).encode()).hexdigest()[:12]}.parquet"
-        merged = pa.concat_tables([t for _, t in tables]).replace_schema_metadata({b'nbs.sources': json.dumps(names).encode()})
-        write_table(merged, folder/name, sync=True)
-        for f, _ in tables: f.unlink()
-        return len(tables)
+        def parts():  # about COMPACT_ROWS rows at a time: the whole log is never in memory at once
+            buf, n = [], 0
+            for f in files:
+                buf.append(pq.read_table(f, schema=schema)); n += buf[-1].num_rows
+                if n >= COMPACT_ROWS: yield pa.concat_tables(buf); buf, n = [], 0
+            if buf: yield pa.concat_tables(buf)
+        try: write_table(parts(), folder/name, sync=True, schema=schema.with_metadata({b'nbs.sources': json.dumps(names).encode()}))
+        except (OSError, pa.ArrowInvalid) as e:
+            logging.getLogger(__name__).warning('prediction log: not compacted (%s)', str(e).splitlines()[0]); return 0
+        for f in files: f.unlink()
+        return len(files)
     finally: os.close(fd)
