@@ -174,9 +174,12 @@ COMPACTED = '-compacted-'  # in the name of a file `compact_log` wrote; its parq
 
 def superseded(folder: str | Path) -> set[str]:
     "Names of the service's files that a compacted file already holds (left by a compaction cut short): never read again."
-    import pyarrow.parquet as pq
-    return {s for f in Path(folder).glob(f'predictions-*{COMPACTED}*.parquet')
-            for s in json.loads((pq.read_schema(f).metadata or {}).get(b'nbs.sources', b'[]'))}
+    import pyarrow as pa, pyarrow.parquet as pq
+    held = set()
+    for f in Path(folder).glob(f'predictions-*{COMPACTED}*.parquet'):
+        try: held.update(json.loads((pq.read_schema(f).metadata or {}).get(b'nbs.sources', b'[]')))
+        except (OSError, pa.ArrowInvalid): pass  # damaged: the reader names it
+    return held
 
 def recover_journals(folder: str | Path, spec: DataSpec) -> int:
     "Turn every journal segment under `folder` that no live process holds into its parquet file, once; rows recovered."
@@ -301,7 +304,7 @@ def read_prediction_log(folder: str | Path, spec: DataSpec) -> pd.DataFrame:
     return df.sort_values('timestamp', kind='stable').reset_index(drop=True)
 
 # %% ../notebooks/lib/10c_predlog.ipynb #predlog-compact
-COMPACT_MIN_FILES = 64  # compact_log merges the service's files once there are this many,
+COMPACT_MIN_FILES = 64  # compact_log merges the service's files once there are this many files
 COMPACT_ROWS = 1 << 17  # reading and writing about this many rows at a time
 
 def compact_log(folder: str | Path, spec: DataSpec, min_files: int = COMPACT_MIN_FILES) -> int:
