@@ -116,9 +116,10 @@ def limit_rows(root: Path, home: str, recs: list[dict], a, row, tmp: Path, thres
         # --repeats rounds, each server in turn in each: a figure is the median of its rounds (one 10 s sample of the
         # bare endpoint moved by 30% between quiet runs); a second's pause before each, for the last one's log to flush
         rounds = []
-        settle = lambda: time.sleep(1.0)
+        def load64(url):
+            time.sleep(1.0); return wrk(url, one, 64, a.seconds, tmp)
         for _ in range(a.repeats):
-            r = {name: {'c64': (settle(), wrk(url, one, 64, a.seconds, tmp))[1]} for name, url in urls.items()}
+            r = {name: {'c64': load64(url)} for name, url in urls.items()}
             for name in ('service', 'bare', 'bentoml-path'): r[name]['c1'] = wrk(urls[name], one, 1, a.seconds / 2, tmp)
             rounds.append(r)
             print(f'round {len(rounds)}: ' + ', '.join(f"{n} {v['c64']['rps']:,.0f} req/s" for n, v in r.items()), flush=True)
