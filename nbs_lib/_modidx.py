@@ -273,6 +273,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'nbs_lib.predlog.log_rows': ('predlog.html#log_rows', 'nbs_lib/predlog.py'),
                                  'nbs_lib.predlog.log_schema': ('predlog.html#log_schema', 'nbs_lib/predlog.py'),
                                  'nbs_lib.predlog.read_journal': ('predlog.html#read_journal', 'nbs_lib/predlog.py'),
+                                 'nbs_lib.predlog.read_listed': ('predlog.html#read_listed', 'nbs_lib/predlog.py'),
                                  'nbs_lib.predlog.read_prediction_log': ('predlog.html#read_prediction_log', 'nbs_lib/predlog.py'),
                                  'nbs_lib.predlog.recover_journals': ('predlog.html#recover_journals', 'nbs_lib/predlog.py'),
                                  'nbs_lib.predlog.rows_batch': ('predlog.html#rows_batch', 'nbs_lib/predlog.py'),

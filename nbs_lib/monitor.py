@@ -169,14 +169,13 @@ def read_prediction_log(folder: str | Path, spec: DataSpec) -> tuple[pd.DataFram
     "The service's prediction log (parquet and jsonl files in `folder`), primary rows only, oldest first; and facts about it."
     folder = Path(folder)
     info = {'path': str(folder), 'present': False, 'files': 0, 'rows': 0, 'shadow_rows_skipped': 0}
-    from nbs_lib.predlog import superseded
-    for attempt in range(3):  # a compaction (nbs_lib.predlog.compact_log) may remove files between their listing and their reading
-        held = superseded(folder) if folder.is_dir() else set()
-        files = sorted(f for f in folder.glob('*') if f.suffix in ('.parquet', '.jsonl') and not f.name.startswith('.') and f.name not in held) if folder.is_dir() else []
-        if not files: return None, info
-        try: parts = [_log_part(f, spec) for f in files]; break
-        except FileNotFoundError:
-            if attempt == 2: raise
+    from nbs_lib.predlog import read_listed, superseded
+    def listing() -> list[Path]:  # the files merged by nbs_lib.predlog.compact_log left out
+        if not folder.is_dir(): return []
+        held = superseded(folder)
+        return sorted(f for f in folder.glob('*') if f.suffix in ('.parquet', '.jsonl') and not f.name.startswith('.') and f.name not in held)
+    files, parts = read_listed(listing, lambda files: [_log_part(f, spec) for f in files])
+    if not files: return None, info
     log = pd.concat(parts, ignore_index=True)
     for c in spec.inputs:
         if c in spec.categorical: log[c] = log[c].astype(str).where(log[c].notna())

@@ -14,7 +14,7 @@ from .schema import DTYPES, fields
 # %% auto #0
 __all__ = ['SMALL_ROWS', 'COMPACTED', 'COMPACT_MIN_FILES', 'COMPACT_ROWS', 'log_rows', 'rows_batch', 'log_batch', 'write_table',
            'Journal', 'to_batches', 'read_journal', 'superseded', 'recover_journals', 'log_schema', 'log_columns',
-           'log_frame', 'PredictionLog', 'log_files', 'read_prediction_log', 'compact_log']
+           'log_frame', 'PredictionLog', 'log_files', 'read_listed', 'read_prediction_log', 'compact_log']
 
 # %% ../notebooks/lib/10c_predlog.ipynb #h18-journal
 SMALL_ROWS = 64  # an append of at most this many rows (the common request) is kept as plain lists and journaled as JSON
@@ -291,16 +291,20 @@ def log_files(folder: str | Path) -> list[Path]:
     held = superseded(folder)
     return [f for f in sorted(Path(folder).glob('predictions-*.parquet')) if f.name not in held]
 
+def read_listed(list_files, read, tries: int = 3):
+    "(files, read(files)) for the files `list_files()` gives, listed again when one vanished before it was read (`compact_log` removes the files it merged); read(files) is None for no files."
+    for attempt in range(tries):
+        files = list_files()
+        try: return files, (read(files) if files else None)
+        except FileNotFoundError:
+            if attempt == tries - 1: raise
+
 def read_prediction_log(folder: str | Path, spec: DataSpec) -> pd.DataFrame:
     "Every row of the prediction log under `folder`, oldest first (an empty frame with the log's columns when there is none)."
     import pyarrow.parquet as pq, pyarrow as pa
     schema = log_schema(spec)
-    for attempt in range(3):  # a compaction may remove files between their listing and their reading: list them again
-        files = log_files(folder)
-        if not files: return pd.DataFrame({c: pd.Series(dtype=t.to_pandas_dtype()) for c, t in zip(schema.names, schema.types)})
-        try: df = pa.concat_tables([pq.read_table(f, schema=schema) for f in files]).to_pandas(); break
-        except FileNotFoundError:
-            if attempt == 2: raise
+    _, df = read_listed(lambda: log_files(folder), lambda files: pa.concat_tables([pq.read_table(f, schema=schema) for f in files]).to_pandas())
+    if df is None: return pd.DataFrame({c: pd.Series(dtype=t.to_pandas_dtype()) for c, t in zip(schema.names, schema.types)})
     return df.sort_values('timestamp', kind='stable').reset_index(drop=True)
 
 # %% ../notebooks/lib/10c_predlog.ipynb #predlog-compact
