@@ -195,16 +195,15 @@ class RequestGuard:
                 with spool: spool.seek(0); data = spool.read()
             else: data = b''.join(chunks)
             await self.handler.answer(scope, data, send)
-            if n > 1 << 20: _trim()
-            return
-        with spool if spool is not None else io.BytesIO(b''.join(chunks)) as body:
-            body.seek(0); done = False
-            async def replay():
-                nonlocal done
-                if done: return await receive()
-                data = body.read(self.chunk); done = len(data) < self.chunk
-                return {'type': 'http.request', 'body': data, 'more_body': not done}
-            await self.app(scope, replay, _rewrite(send, lambda m: m['status'] == 400 and _json(m), lambda b: cut_errors(b, self.max_errors)))
+        else:
+            with spool if spool is not None else io.BytesIO(b''.join(chunks)) as body:
+                body.seek(0); done = False
+                async def replay():
+                    nonlocal done
+                    if done: return await receive()
+                    data = body.read(self.chunk); done = len(data) < self.chunk
+                    return {'type': 'http.request', 'body': data, 'more_body': not done}
+                await self.app(scope, replay, _rewrite(send, lambda m: m['status'] == 400 and _json(m), lambda b: cut_errors(b, self.max_errors)))
         if n > 1 << 20: _trim()  # a large body's parsed objects are freed: give the pages back to the OS
 
 def _trim() -> None:
