@@ -19,7 +19,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 NBSTRIPOUT_ARGS := --keep-id --extra-keys "metadata.language_info.codemirror_mode metadata.language_info.file_extension metadata.language_info.mimetype metadata.language_info.nbconvert_exporter metadata.language_info.pygments_lexer metadata.language_info.version"
 
 .PHONY: help setup git-setup data pipeline rebuild test test-fast lab mlflow-ui export check clean lock bench dag
-.PHONY: sweep bench-sweep bench-scale bench-pipeline bench-noop bench-suite bench-report
+.PHONY: sweep bench-sweep bench-scale bench-pipeline bench-noop bench-ui bench-suite bench-report
 
 help: ## list the commands
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -85,9 +85,12 @@ test-fast: setup data ## the suite without the slow end-to-end tests
 lab: setup ## open JupyterLab on the notebooks (with jupyter_server_config.py: a save that changes no content leaves git clean)
 	JUPYTER_CONFIG_PATH=$(CURDIR) $(BIN)/jupyter lab --no-browser notebooks
 
-mlflow-ui: setup ## browse runs, plots, notebooks and registered models
-	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the Model training view: runs, datasets, models)"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+# one browser's UI: one worker, and no GenAI job runners (MLflow's default of 4 workers and 8 huey consumers took 11 s
+# to answer and 3.1 GB; bench/bench_ui.py)
+UI_PORT ?= 5000
+mlflow-ui: setup ## browse runs, plots, notebooks and registered models (UI_PORT=5000)
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)/#/experiments?workflowType=machine_learning (the Model training view: runs, datasets, models)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 export: setup ## export notebooks/lib to nbs_lib (nbdev) and strip notebook outputs (cell ids kept: on a clean clone it changes nothing)
 	$(BIN)/nbdev-export
@@ -120,6 +123,10 @@ bench-pipeline: setup data ## benchmark: the workflow's own overhead against pla
 bench-noop: setup data ## benchmark: a no-op make pipeline right after a build and after each verb (bench/results-noop.md)
 	$(HAVE_BENCH)
 	$(BIN)/python bench/bench_noop.py
+
+bench-ui: setup data ## benchmark: make mlflow-ui against mlflow ui with MLflow's defaults: time to answer, processes, memory (bench/results-ui.md)
+	$(HAVE_BENCH)
+	$(BIN)/python bench/bench_ui.py
 
 bench-suite: setup data ## benchmark: the wall time of make test against its tests' summed durations (bench/results-suite.md)
 	$(HAVE_BENCH)

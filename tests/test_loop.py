@@ -5,7 +5,7 @@ import json, os, socket, subprocess, time
 from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
-from conftest import BIN, ROOT, nbs, ran_tasks, run
+from conftest import BIN, ROOT, env_for, nbs, ran_tasks, run
 
 VOLATILE_LANGUAGE_INFO = {'codemirror_mode': {'name': 'ipython', 'version': 3}, 'file_extension': '.py', 'mimetype': 'text/x-python',
                           'name': 'python', 'nbconvert_exporter': 'python', 'pygments_lexer': 'ipython3', 'version': '3.11.7'}
@@ -181,3 +181,48 @@ def test_dag_renders_offline_as_a_self_contained_file(built_copy):
     assert page.count('up to date</title>') == 5  # built: nothing outdated
     assert not (built_copy/'pipeline.html').exists()
 
+
+
+def _session_commands(sid: int) -> list[str]:
+    """The command lines of the processes in session `sid` (a server started with start_new_session and its children)."""
+    out = []
+    for p in Path('/proc').iterdir():
+        try:
+            if p.name.isdigit() and int((p/'stat').read_text().rsplit(')', 1)[1].split()[3]) == sid:
+                out.append((p/'cmdline').read_bytes().replace(b'\0', b' ').decode())
+        except (OSError, IndexError, ValueError): pass  # gone meanwhile
+    return out
+
+
+def test_make_mlflow_ui_shows_the_builds_run_from_one_worker_without_job_runners(built_copy, tmp_path):
+    import shutil, signal, urllib.request
+    root = built_copy
+    shutil.copy2(ROOT/'Makefile', root/'Makefile'); (root/'.venv').symlink_to(BIN.parent)
+    port, log = _free_port(), tmp_path/'ui.log'
+    ui = subprocess.Popen(['make', '-s', '-o', '.venv/.installed', 'mlflow-ui', f'UI_PORT={port}'], cwd=root, env=env_for(root),
+                          start_new_session=True, stdout=log.open('w'), stderr=subprocess.STDOUT)
+    base = f'http://127.0.0.1:{port}'
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert ui.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f'{base}/health', timeout=5) as r:
+                    if r.status == 200: break
+            except OSError: time.sleep(0.2)
+        run_id = json.loads((root/'build/train/run.json').read_text())['run_id']
+        client = MlflowClient(f"sqlite:///{root/'mlflow.db'}")
+        exp = client.get_run(run_id).info.experiment_id
+        req = urllib.request.Request(f'{base}/ajax-api/2.0/mlflow/runs/search', method='POST',
+                                     data=json.dumps({'experiment_ids': [exp]}).encode(), headers={'Content-Type': 'application/json'})
+        with urllib.request.urlopen(req, timeout=30) as r: runs = json.loads(r.read())['runs']
+        assert run_id in {x['info']['run_id'] for x in runs}  # the UI's own API serves the project's store
+        with urllib.request.urlopen(f'{base}/', timeout=30) as r: assert b'<div id="root"' in r.read()  # the UI's page
+        assert f'http://127.0.0.1:{port}/#/experiments' in log.read_text()  # the link it prints has the port asked for
+        cmds = _session_commands(ui.pid)
+        assert any('uvicorn' in c and '--workers 1' in c for c in cmds), cmds
+        assert not [c for c in cmds if 'mlflow.server.jobs' in c or 'huey' in c], cmds  # no GenAI job runners
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        try: ui.wait(30)
+        except subprocess.TimeoutExpired: os.killpg(ui.pid, signal.SIGKILL); ui.wait()

@@ -1,13 +1,16 @@
 """`nbs sweep` end to end: real notebooks run by ploomber-engine in worker processes (or papermill kernels), real
 MLflow stores (sqlite, and a real `mlflow server`), a real Dask scheduler with workers; nothing is mocked."""
 from __future__ import annotations
-import json, os, re, signal, socket, subprocess, time, urllib.request
+import json, os, re, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from conftest import BIN, ROOT, env_for, metrics, nbs, nbs_here, set_params
+
+sys.path.insert(0, str(ROOT/'team'))
+from stack import SERVER  # noqa: E402 (a tracking server's settings: no GenAI job runners, as the team's)
 
 # the fastest family, a few seconds a configuration; the grid's hist_gradient_boosting values then do not apply, so
 # the 6 points of params.yaml's grid collapse to one configuration per value of C
@@ -242,7 +245,7 @@ def test_sweep_against_a_remote_mlflow_tracking_server(built_copy, tmp_path):
     port, log = _free_port(), tmp_path/'server.log'
     server = subprocess.Popen([str(BIN/'mlflow'), 'server', '--backend-store-uri', f"sqlite:///{tmp_path/'server.db'}",
                                '--artifacts-destination', str(tmp_path/'artifacts'), '--host', '127.0.0.1', '--port', str(port),
-                               '--workers', '1'], cwd=tmp_path, env=env_for(root), stdout=log.open('w'), stderr=subprocess.STDOUT)
+                               '--workers', '1'], cwd=tmp_path, env=env_for(root, **SERVER), stdout=log.open('w'), stderr=subprocess.STDOUT)
     uri = f'http://127.0.0.1:{port}'
     try:
         _wait(lambda: urllib.request.urlopen(f'{uri}/health', timeout=5).status == 200, 'mlflow server', server, log)
