@@ -41,21 +41,28 @@ def noop(root: Path) -> float:
     return dt
 
 
+def built_clone(frac: float, prefix: str) -> tuple[Path, Path]:
+    """(temporary folder, project): a git clone of this checkout in a new temporary folder, with this venv linked in
+    and the raw data copied, built by `make pipeline` on a `frac` sample of the rows."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix)); root = tmp/'clone'
+    subprocess.run(['git', 'clone', '-q', str(ROOT), str(root)], check=True)
+    (root/'.venv').symlink_to(BIN.parent)  # this venv, never re-installed from the clone: make runs with -o .venv/.installed
+    for f in (ROOT/'data/raw').iterdir():
+        if not f.name.startswith('.') and not f.name.endswith('.dvc'): shutil.copy2(f, root/'data/raw'/f.name)
+    set_params(root, **{'data.sample_frac': frac})
+    subprocess.run(['git', 'commit', '-qam', 'bench: sample'], cwd=root, check=True)
+    print(f'building the sample project in {root} ...', flush=True)
+    sh([*MAKE, 'pipeline'], root)
+    return tmp, root
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--frac', type=float, default=0.03)
     ap.add_argument('--out', default=str(HERE/'results-noop.md'))
     a = ap.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix='nbs-bench-noop-')); root = tmp/'clone'
-    subprocess.run(['git', 'clone', '-q', str(ROOT), str(root)], check=True)
-    (root/'.venv').symlink_to(BIN.parent)  # this venv, never re-installed from the clone: make runs with -o .venv/.installed
-    for f in (ROOT/'data/raw').iterdir():
-        if not f.name.startswith('.') and not f.name.endswith('.dvc'): shutil.copy2(f, root/'data/raw'/f.name)
-    set_params(root, **{'data.sample_frac': a.frac})
-    subprocess.run(['git', 'commit', '-qam', 'bench: sample'], cwd=root, check=True)
-    print(f'building the sample project in {root} ...', flush=True)
-    sh([*MAKE, 'pipeline'], root)
+    tmp, root = built_clone(a.frac, 'nbs-bench-noop-')
     rows = []
     def row(what, value, baseline, base_name):
         rows.append(f'| {what} | {value:.3f} s | {baseline:.3f} s ({base_name}) | {value / baseline:.2f}x | <= {GOAL} s |')
