@@ -85,8 +85,8 @@ test-fast: setup data ## the suite without the slow end-to-end tests
 lab: setup ## open JupyterLab on the notebooks (with jupyter_server_config.py: a save that changes no content leaves git clean)
 	JUPYTER_CONFIG_PATH=$(CURDIR) $(BIN)/jupyter lab --no-browser notebooks
 
-# one browser's UI: one worker, and no GenAI job runners (MLflow's default of 4 workers and 8 huey consumers took 11 s
-# to answer and 3.1 GB; bench/bench_ui.py)
+# one browser's UI: one worker, and no GenAI job runners (MLflow's defaults, 4 workers and 8 job-runner processes, took
+# twice as long to answer and 6x the memory: make bench-ui)
 UI_PORT ?= 5000
 mlflow-ui: setup ## browse runs, plots, notebooks and registered models (UI_PORT=5000)
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)/#/experiments?workflowType=machine_learning (the Model training view: runs, datasets, models)"

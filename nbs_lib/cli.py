@@ -226,8 +226,10 @@ def summary(root: Path | None = None) -> str:
     if rf.exists():
         r = json.loads(rf.read_text())
         lines.append(f"MLflow run: {r['run_id']} in experiment '{p['tracking']['experiment']}' at {tracking_uri(p, root)}")
-        # MLflow 3.17's UI opens on its GenAI view unless told otherwise; the run page and the Model training view:
-        lines.append(f"open it: make mlflow-ui, then http://127.0.0.1:5000/#/runs/{r['run_id']}?workflowType=machine_learning")
+        # MLflow 3.17's UI opens on its GenAI view unless told otherwise: the run's page under its experiment keeps the
+        # Model training view (a bare #/runs/<id> opens on the GenAI side)
+        page = f"experiments/{r['experiment_id']}/runs" if 'experiment_id' in r else 'runs'
+        lines.append(f"open it: make mlflow-ui, then http://127.0.0.1:5000/#/{page}/{r['run_id']}?workflowType=machine_learning")
     return '\n'.join(lines)
 
 # %% ../notebooks/lib/06_cli.ipynb #l14-cli-x2

@@ -169,6 +169,9 @@ def test_a_build_prints_a_line_per_task_and_the_summary(sample_project):
     lines = out.strip().splitlines()
     assert [l.split()[0] for l in lines[:5]] == ['ingest', 'features', 'train', 'evaluate', 'monitor'] and all('ran in' in l for l in lines[:5])
     assert lines[5].startswith('build done') and len(lines) == 10, out
+    run_id = json.loads((sample_project/'build/train/run.json').read_text())['run_id']  # its page, in the Model training view
+    exp = MlflowClient(f"sqlite:///{sample_project/'mlflow.db'}").get_run(run_id).info.experiment_id
+    assert lines[-1] == f'open it: make mlflow-ui, then http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning'
     assert err == '', err  # no warnings, no progress bars, no MLflow log lines
 
 
