@@ -1,7 +1,7 @@
 """The researcher's everyday loop with the real clients (issue 14): a Jupyter server's contents API and git, the
 papermill CLI, the MLflow client, `nbs dag`, and what a build prints."""
 from __future__ import annotations
-import json, os, socket, subprocess, time
+import json, os, shutil, signal, socket, subprocess, time, urllib.request
 from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
@@ -39,7 +39,6 @@ def clone(tmp_path) -> Path:
 
 
 def _api(base: str, token: str, method: str, path: str, body: dict | None = None) -> dict:
-    import urllib.request
     req = urllib.request.Request(f'{base}{path}', method=method, data=None if body is None else json.dumps(body).encode(),
                                  headers={'Authorization': f'token {token}', 'Content-Type': 'application/json'})
     with urllib.request.urlopen(req, timeout=30) as r: return json.loads(r.read() or b'{}')
@@ -185,7 +184,6 @@ def test_dag_renders_offline_as_a_self_contained_file(built_copy):
     assert not (built_copy/'pipeline.html').exists()
 
 
-
 def _session_commands(sid: int) -> list[str]:
     """The command lines of the processes in session `sid` (a server started with start_new_session and its children)."""
     out = []
@@ -198,7 +196,6 @@ def _session_commands(sid: int) -> list[str]:
 
 
 def test_make_mlflow_ui_shows_the_builds_run_from_one_worker_without_job_runners(built_copy, tmp_path):
-    import shutil, signal, urllib.request
     root = built_copy
     shutil.copy2(ROOT/'Makefile', root/'Makefile'); (root/'.venv').symlink_to(BIN.parent)
     port, log = _free_port(), tmp_path/'ui.log'
