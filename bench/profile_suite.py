@@ -45,7 +45,10 @@ def kind(cmd: str) -> str:
     if 'postgres' in cmd: return 'PostgreSQL'
     m = re.search(r'-m (\S+)', cmd)
     if m: return f'python -m {m.group(1)}'
-    return cmd.split(' ', 1)[0].rsplit('/', 1)[-1] or '?'
+    argv = cmd.split()
+    if len(argv) > 1 and re.fullmatch(r'python[\d.]*', argv[0].rsplit('/', 1)[-1]):  # python SCRIPT or python -c CODE
+        return f"python {argv[1].rsplit('/', 1)[-1] if not argv[1].startswith('-') else ' '.join(argv[1:3])[:40]}"
+    return argv[0].rsplit('/', 1)[-1] if argv else '?'
 
 
 def main(argv: list[str] | None = None) -> int:
