@@ -14,11 +14,12 @@ from .config import UserError, load_params, project_root, stage
 from .models import derive_function, derived_frame
 
 # %% auto #0
-__all__ = ['ML_OPSET', 'OPSET', 'TOLERANCE', 'Graph', 'NotConvertible', 'pipeline_parts', 'to_onnx', 'feeds', 'OnnxScore',
-           'parity', 'export', 'main']
+__all__ = ['ML_OPSET', 'OPSET', 'ONNX_PACKAGES', 'TOLERANCE', 'Graph', 'NotConvertible', 'pipeline_parts', 'to_onnx', 'feeds',
+           'OnnxScore', 'parity', 'export', 'main']
 
 # %% ../notebooks/lib/10e_onnx.ipynb #onx-graph
 ML_OPSET, OPSET = 5, 21  # ai.onnx.ml 5: TreeEnsemble with set membership and double thresholds
+ONNX_PACKAGES = ('onnx', 'onnxruntime', 'numpy')  # what the logged onnx flavour needs besides MLflow, pinned
 
 class Graph:
     "A small ONNX graph builder for derive functions and the converter: `op` and `const` return the output's name."
@@ -172,7 +173,7 @@ def export(root: Path, p: dict, alias: str = 'champion', version: str | None = N
     from mlflow.tracking import MlflowClient
     from mlflow.exceptions import MlflowException
     from nbs_lib.gate import get_run, load_test, logged_model
-    from nbs_lib.tracking import load_model, setup_tracking
+    from nbs_lib.tracking import load_model, model_requirements, setup_tracking
     setup_tracking(p, root); name = stage(p, 'registry')['model_name']; client = MlflowClient()
     if run_id:  # a run's own model, registered or not
         run = get_run(client, run_id); lm = logged_model(client, run)
@@ -194,7 +195,8 @@ def export(root: Path, p: dict, alias: str = 'champion', version: str | None = N
     example = X.head(5)
     sig = infer_signature(pd.DataFrame({c: v.ravel() for c, v in feeds(example, score.inputs, score.categorical).items()}), score(example))
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.onnx.log_model(proto, name='onnx', signature=sig, tags={'nbs.format': 'onnx', 'nbs.onnx_of': uri})
+        info = mlflow.onnx.log_model(proto, name='onnx', signature=sig, tags={'nbs.format': 'onnx', 'nbs.onnx_of': uri},
+                                     pip_requirements=model_requirements(ONNX_PACKAGES))
     figures = {'onnx.model_uri': info.model_uri, 'onnx.parity_max_abs_diff': f'{diff:.3g}', 'onnx.parity_rows': str(len(X)),
                'onnx.test_md5': test['md5'], 'onnx.file_bytes': str(out.stat().st_size), 'onnx.convert_s': f'{convert_s:.2f}'}
     for k, v in figures.items():

@@ -3,6 +3,7 @@ MLflow with the onnx flavor; a step that cannot convert named in one line; the s
 onnx equal to those with sklearn over HTTP. Real MLflow store, onnxruntime and `bentoml serve`."""
 from __future__ import annotations
 import json, re
+from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
@@ -45,6 +46,9 @@ def test_onnx_export_checks_parity_on_the_whole_test_set_and_logs_the_onnx_flavo
     assert np.max(np.abs(got - sk.predict_proba(test)[:, 1])) <= 1e-6
     info = mlflow.models.get_model_info(tags['onnx.model_uri'])
     assert 'onnx' in info.flavors and {i['name'] for i in info.signature.inputs.to_dict()} == set(inputs)
+    from importlib.metadata import version  # its requirements: pinned to this environment (given, not inferred by MLflow)
+    reqs = set(Path(mlflow.pyfunc.get_model_dependencies(tags['onnx.model_uri'])).read_text().split())
+    assert reqs == {f'{p}=={version(p)}' for p in ('mlflow', 'onnx', 'onnxruntime', 'numpy')}, reqs
 
 
 def test_a_runs_model_converts_too(champion):
