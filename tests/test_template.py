@@ -25,8 +25,10 @@ def tx_csv(tmp_path_factory) -> Path:
 
 
 def _env(**extra) -> dict:
-    """A user's shell: no venv of ours on PATH, no PYTHONPATH; offline switches as the Makefile sets them."""
-    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV', 'MLFLOW_TRACKING_URI', 'NBS_ROOT')}
+    """A user's shell: no venv of ours on PATH, no PYTHONPATH, Python free to write its bytecode (a container image's
+    PYTHONDONTWRITEBYTECODE is not a shell's); offline switches as the Makefile sets them."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('PYTHONPATH', 'VIRTUAL_ENV', 'MLFLOW_TRACKING_URI', 'NBS_ROOT', 'PYTHONDONTWRITEBYTECODE')}
     env['PATH'] = os.pathsep.join(p for p in env.get('PATH', '').split(os.pathsep) if Path(p).resolve() != BIN.resolve())
     env.update(OFFLINE); env.update(extra)
     return env
