@@ -8,20 +8,16 @@ For each start, alternating the two: the seconds from the command to the first a
 memory summed, and the CPU they used. Writes bench/results-ui.md.
 """
 from __future__ import annotations
-import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, time, urllib.request
+import argparse, json, os, shutil, signal, statistics, subprocess, sys, time, urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent/'tests'))
 from conftest import BIN, env_for  # noqa: E402
+from servers import free_port  # noqa: E402
 from bench_noop import MAKE, built_clone  # noqa: E402
 
 TICK = os.sysconf('SC_CLK_TCK')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 def session(sid: int) -> tuple[int, float, float]:
@@ -77,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     got = {k: [] for k in starts}
     for i in range(a.repeats):
         for k, cmd in starts.items():
-            port = _free_port()
+            port = free_port()
             got[k].append(start(cmd(port), root, port, exp, a.settle))
             print(k, 'ready %.2f s, %d processes, %.0f MB, %.1f CPU s' % got[k][-1], flush=True)
     med = {k: [statistics.median(x[c] for x in v) for c in range(4)] for k, v in got.items()}

@@ -1,11 +1,12 @@
 """The researcher's everyday loop with the real clients (issue 14): a Jupyter server's contents API and git, the
 papermill CLI, the MLflow client, `nbs dag`, and what a build prints."""
 from __future__ import annotations
-import json, os, shutil, signal, socket, subprocess, time, urllib.request
+import json, os, shutil, signal, subprocess, time, urllib.request
 from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from conftest import BIN, ROOT, env_for, nbs, ran_tasks, run
+from servers import free_port
 
 VOLATILE_LANGUAGE_INFO = {'codemirror_mode': {'name': 'ipython', 'version': 3}, 'file_extension': '.py', 'mimetype': 'text/x-python',
                           'name': 'python', 'nbconvert_exporter': 'python', 'pygments_lexer': 'ipython3', 'version': '3.11.7'}
@@ -13,11 +14,6 @@ VOLATILE_LANGUAGE_INFO = {'codemirror_mode': {'name': 'ipython', 'version': 3}, 
 
 def _git(root: Path, *args: str) -> str:
     return subprocess.run(['git', *args], cwd=root, capture_output=True, text=True, check=True).stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -48,7 +44,7 @@ def test_save_through_jupyter_and_make_export_leave_git_clean(clone):
     """Open and save every committed notebook through a real Jupyter server's contents API, as Lab does (a notebook not
     in the filter's form would show here), then a task and a library notebook as after running them (outputs, counts,
     the kernel's kernelspec and language_info), then `make export`: git stays clean, `git status` included."""
-    port, token = _free_port(), 'test-token'
+    port, token = free_port(), 'test-token'
     server = subprocess.Popen([str(BIN/'jupyter-server'), '--no-browser', f'--port={port}', '--ip=127.0.0.1',
                                f'--ServerApp.root_dir={clone}', f'--IdentityProvider.token={token}', '--allow-root'],
                               cwd=clone, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -198,7 +194,7 @@ def _session_commands(sid: int) -> list[str]:
 def test_make_mlflow_ui_shows_the_builds_run_from_one_worker_without_job_runners(built_copy, tmp_path):
     root = built_copy
     shutil.copy2(ROOT/'Makefile', root/'Makefile'); (root/'.venv').symlink_to(BIN.parent)
-    port, log = _free_port(), tmp_path/'ui.log'
+    port, log = free_port(), tmp_path/'ui.log'
     ui = subprocess.Popen(['make', '-s', '-o', '.venv/.installed', 'mlflow-ui', f'UI_PORT={port}'], cwd=root, env=env_for(root),
                           start_new_session=True, stdout=log.open('w'), stderr=subprocess.STDOUT)
     base = f'http://127.0.0.1:{port}'

@@ -1,13 +1,14 @@
 """`nbs sweep` end to end: real notebooks run by ploomber-engine in worker processes (or papermill kernels), real
 MLflow stores (sqlite, and a real `mlflow server`), a real Dask scheduler with workers; nothing is mocked."""
 from __future__ import annotations
-import json, os, re, signal, socket, subprocess, sys, time, urllib.request
+import json, os, re, signal, subprocess, sys, time, urllib.request
 from pathlib import Path
 import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from conftest import BIN, ROOT, env_for, metrics, nbs, nbs_here, set_params
+from servers import free_port
 
 sys.path.insert(0, str(ROOT/'team'))
 from stack import SERVER  # noqa: E402 (a tracking server's settings: no GenAI job runners, as the team's)
@@ -215,11 +216,6 @@ def test_eight_parallel_runs_on_sqlite_lose_nothing(built_copy):
     assert sorted(float(k.data.params['train.hyperparams.logistic_regression.C']) for k in kids) == sorted(float(x) for x in cs)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-
 def _wait(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = 180):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -242,7 +238,7 @@ def _stop(*procs):
 @pytest.mark.slow
 def test_sweep_against_a_remote_mlflow_tracking_server(built_copy, tmp_path):
     root = built_copy
-    port, log = _free_port(), tmp_path/'server.log'
+    port, log = free_port(), tmp_path/'server.log'
     server = subprocess.Popen([str(BIN/'mlflow'), 'server', '--backend-store-uri', f"sqlite:///{tmp_path/'server.db'}",
                                '--artifacts-destination', str(tmp_path/'artifacts'), '--host', '127.0.0.1', '--port', str(port),
                                '--workers', '1'], cwd=tmp_path, env=env_for(root, **SERVER), stdout=log.open('w'), stderr=subprocess.STDOUT)
